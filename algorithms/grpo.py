@@ -1,0 +1,179 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024), with Dr. GRPO and DAPO options.
+
+No critic: for each prompt ``q`` sample a group of ``G`` completions ``o_1..o_G`` from
+``pi_old``, score each with the task's reward ``r_i``, and use the group as its own baseline.
+Every token of ``o_i`` gets the same advantage::
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)        (scale_rewards, std)
+
+Per token, with ``rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})``
+and the KL to the frozen reference ``pi_ref`` estimated by ``k3`` (or ``k1``, ``k2``)::
+
+    L_{i,t} = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_{i,t}
+    KL_{i,t} = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1
+
+The objective, maximised (loss = -objective), aggregates ``L`` over tokens (loss_aggregation)::
+
+    seq_mean_token_mean      1/G sum_i 1/|o_i| sum_t L_{i,t}       (original GRPO)
+    token_mean               sum_i sum_t L_{i,t} / sum_i |o_i|     (DAPO)
+    seq_mean_token_sum_norm  1/G sum_i sum_t L_{i,t} / L_max       (Dr. GRPO)
+
+``mu`` optimisation passes are made over each batch of rollouts; with ``mu = 1`` the ratio is 1
+but its gradient is not zero.
+
+Variants, as options:
+- Dr. GRPO: ``scale_rewards=false``, ``loss_aggregation=seq_mean_token_sum_norm``.
+- DAPO: ``eps_high=0.28`` (clip-higher), ``loss_aggregation=token_mean``,
+  ``dynamic_sampling=true`` (drop groups whose rewards are all equal and sample more prompts),
+  ``beta=0`` (no KL term, no reference model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rlbench.algorithm import Algorithm, LossScale, RolloutBatch
+from rlbench.errors import require
+from rlbench.estimators import KL_ESTIMATORS, group_advantages, kl_estimate
+from rlbench.losses import AGGREGATIONS, aggregate, clipped_surrogate, masked_mean, masked_min_max
+from rlbench.registry import ALGORITHMS
+
+
+@dataclass
+class GRPOConfig:
+    """Options of GRPO (the ``algorithm:`` section of a run config, less ``name``)."""
+
+    group_size: int = 8
+    """Completions sampled per prompt (G); the group is its own baseline."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std; false is Dr. GRPO (mean-centred only)."""
+    std: Literal["sample", "population"] = "sample"
+    """Std used when scale_rewards: sample (divides by G-1, as TRL and verl) or population (by G)."""
+    eps_low: float = 0.2
+    """Lower clip range: the ratio is clipped below at 1 - eps_low."""
+    eps_high: float = 0.2
+    """Upper clip range: the ratio is clipped above at 1 + eps_high (DAPO clip-higher uses 0.28)."""
+    beta: float = 0.04
+    """Coefficient of the per-token KL penalty to the reference; 0 loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator of the penalty: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r."""
+    mu: int = 1
+    """Optimisation passes over each batch of rollouts (GRPO's mu)."""
+    loss_aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean"
+    )
+    """Token aggregation: seq_mean_token_mean (GRPO), token_mean (DAPO), seq_mean_token_sum_norm (Dr GRPO)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill with fresh prompts."""
+    max_resample_rounds: int = 3
+    """With dynamic_sampling, how many times fresh prompts may be sampled to refill dropped groups."""
+    advantage_eps: float = 1e-4
+    """Added to the reward std before dividing, so a group of equal rewards gets advantage 0."""
+
+    def __post_init__(self) -> None:
+        require(self.group_size >= 1, "group_size", self.group_size, "must be >= 1 (completions per prompt)")
+        require(
+            self.group_size >= 2 or not self.scale_rewards,
+            "group_size",
+            self.group_size,
+            "the std of one reward is undefined; set scale_rewards false or group_size >= 2",
+        )
+        require(self.std in ("sample", "population"), "std", self.std, "must be 'sample' or 'population'")
+        require(0.0 < self.eps_low < 1.0, "eps_low", self.eps_low, "must be in (0, 1)")
+        require(
+            0.0 < self.eps_high and math.isfinite(self.eps_high),
+            "eps_high",
+            self.eps_high,
+            "must be a finite number > 0",
+        )
+        require(self.beta >= 0.0 and math.isfinite(self.beta), "beta", self.beta, "must be finite and >= 0")
+        require(
+            self.kl_estimator in KL_ESTIMATORS,
+            "kl_estimator",
+            self.kl_estimator,
+            f"must be one of {', '.join(KL_ESTIMATORS)}",
+        )
+        require(self.mu >= 1, "mu", self.mu, "must be >= 1 (optimisation passes per batch)")
+        require(
+            self.loss_aggregation in AGGREGATIONS,
+            "loss_aggregation",
+            self.loss_aggregation,
+            f"must be one of {', '.join(AGGREGATIONS)}",
+        )
+        rounds = self.max_resample_rounds
+        require(rounds >= 0, "max_resample_rounds", rounds, "must be >= 0")
+        require(self.advantage_eps > 0.0, "advantage_eps", self.advantage_eps, "must be > 0")
+
+
+@ALGORITHMS.register("grpo")
+class GRPO(Algorithm):
+    """Group Relative Policy Optimization: group-normalised rewards, clipped ratio, KL to ref.
+
+    Dr. GRPO and DAPO are option sets of this class (see the module docstring).
+    """
+
+    Config = GRPOConfig
+    config: GRPOConfig
+
+    @property
+    def group_size(self) -> int:
+        return self.config.group_size
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0.0
+
+    @property
+    def passes_per_batch(self) -> int:
+        return self.config.mu
+
+    @property
+    def max_resample_rounds(self) -> int:
+        return self.config.max_resample_rounds if self.config.dynamic_sampling else 0
+
+    def keep_groups(self, rewards: Tensor) -> Tensor:
+        """With dynamic sampling, the groups whose rewards are not all equal (A = 0 otherwise)."""
+        if not self.config.dynamic_sampling:
+            return torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)
+        return (rewards != rewards[:, :1]).any(dim=-1)
+
+    def prepare(self, batch: RolloutBatch) -> RolloutBatch:
+        """One advantage per completion, normalised within its prompt's group."""
+        grouped = batch.rewards.view(-1, batch.group_size)
+        cfg = self.config
+        advantages = group_advantages(grouped, cfg.scale_rewards, cfg.std, cfg.advantage_eps)
+        return dataclasses.replace(batch, advantages=advantages.view(-1))
+
+    def loss(
+        self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Minus the aggregated clipped surrogate (less beta * KL), and the step's metrics."""
+        cfg = self.config
+        if batch.advantages is None:
+            raise ValueError("GRPO.loss needs batch.advantages; call prepare(batch) first")
+        mask = batch.completion_mask
+        # With mu = 1 pi_old is the current policy: ratio 1, gradient of the ratio still flows.
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+        objective, clip_active = clipped_surrogate(logprobs, old, batch.advantages, cfg.eps_low, cfg.eps_high)
+        ratio = torch.exp(logprobs.detach() - old.detach())
+        ratio_min, ratio_max = masked_min_max(ratio, mask)
+        metrics: dict[str, Tensor] = {
+            "clip_frac": masked_mean(clip_active.to(mask.dtype), mask).detach(),
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
+        }
+        if cfg.beta > 0.0:
+            if batch.ref_logprobs is None:
+                raise ValueError("GRPO with beta > 0 needs batch.ref_logprobs (the reference's log-probs)")
+            kl = kl_estimate(cfg.kl_estimator, logprobs, batch.ref_logprobs)
+            objective = objective - cfg.beta * kl
+            metrics["kl"] = masked_mean(kl, mask).detach()
+        loss = -aggregate(objective, mask, cfg.loss_aggregation, scale)
+        metrics["loss"] = loss.detach()
+        return loss, metrics

@@ -1,0 +1,98 @@
+"""Command line: ``rlbench train | warmstart | list | config``.
+
+Every user error (bad config value, unknown name, missing file) prints one line naming the
+problem and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlbench.errors import RLBenchError
+from rlbench.registry import RegistryError
+
+
+def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, metavar="FILE", help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config fields")
+
+
+def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
+    from rlbench.config import help_text
+
+    parser = argparse.ArgumentParser(prog="rlbench", description="RL fine-tuning benchmarks for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fields = help_text() if with_fields else "Use `rlbench train --help` to list every config field."
+    raw = argparse.RawDescriptionHelpFormatter
+    train = sub.add_parser("train", help="run one RL training run", epilog=fields, formatter_class=raw)
+    _config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    warm = sub.add_parser("warmstart", help="build (or reuse) the supervised warm-start checkpoint", epilog=fields,
+                          formatter_class=raw)
+    _config_args(warm)
+    sub.add_parser("list", help="list registered algorithms and tasks")
+    show = sub.add_parser("config", help="print the resolved config (--show) or every field (--fields)")
+    _config_args(show, required=False)
+    show.add_argument("--show", action="store_true", help="print the resolved config as YAML")
+    show.add_argument("--fields", action="store_true", help="print every field with its default and doc")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wants_help = any(a in ("-h", "--help") for a in argv) and any(a in ("train", "warmstart") for a in argv)
+    args = build_parser(with_fields=wants_help).parse_args(argv)
+    try:
+        return run_command(args)
+    except (RLBenchError, RegistryError) as err:
+        print(f"rlbench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from rlbench.config import dump_yaml, help_text, load_config
+
+    if args.command == "list":
+        from rlbench.policy import PRESETS
+        from rlbench.registry import ALGORITHMS, TASKS, summary
+
+        for title, registry in (("algorithms", ALGORITHMS), ("tasks", TASKS)):
+            print(f"{title}:")
+            for name, plugin in registry:
+                print(f"  {name:<14} {summary(plugin)}")
+        print("model presets:")
+        for name, shape in PRESETS.items():
+            print(f"  {name:<14} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+                  f"char tokenizer")
+        return 0
+    if args.command == "config":
+        if args.fields or not args.show:
+            print(help_text())
+        else:
+            print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.command == "warmstart":
+        from rlbench.run import quiet_libraries
+        from rlbench.warmstart import warm_start
+
+        quiet_libraries()
+        path, info = warm_start(config)
+        print(f"warm start: {path}\n  eval accuracy {info['accuracy']:.3f} after {info['steps']} supervised steps")
+        return 0
+    from rlbench.run import train
+
+    summary = train(config, resume=args.resume, progress_bar=not args.no_progress)
+    print(
+        f"eval accuracy: {summary['accuracy_before']:.3f} before -> {summary['accuracy_after']:.3f} after "
+        f"{summary['steps']} steps ({summary['wall_s']:.0f} s); run directory {summary['output_dir']}"
+    )
+    if summary["mlflow_tracking_uri"]:
+        print(f"metrics: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

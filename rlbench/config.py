@@ -1,0 +1,464 @@
+"""The run configuration: one YAML file per run, typed dataclasses underneath.
+
+Every field is validated when the file is loaded (type, range, known name), so a bad value
+fails before any model is built, with a message that names the field, the value and what is
+allowed. Field docs are the attribute docstrings below; ``describe`` turns them into the
+CLI's help, so they are the single source of documentation for every option.
+
+The ``task`` and ``algorithm`` sections hold a ``name`` plus the options of that plug-in's own
+``Config`` dataclass, flat: ``algorithm.name=grpo algorithm.beta=0.0``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import textwrap
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlbench.errors import ConfigError, RLBenchError, require
+from rlbench.registry import ALGORITHMS, TASKS, RegistryError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-llama"
+    """Hugging Face hub name, local directory (``save_pretrained`` layout), or a tiny preset
+    (tiny-llama, small-llama, medium-llama) built from a config with a char tokenizer."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Dtype the weights are loaded in; ``auto`` keeps the checkpoint's own."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub checkpoint."""
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = True
+    """Start RL from a supervised warm start on the task's demonstrations (built and cached on
+    first use, shared by every algorithm with the same model, task and warm-start settings)."""
+    target_accuracy: float = 0.25
+    """Stop the warm start once greedy eval accuracy reaches this (keep it clearly below 1)."""
+    max_steps: int = 3000
+    """Upper bound on supervised steps."""
+    batch_size: int = 64
+    """Demonstrations per supervised step."""
+    lr: float = 1e-3
+    """AdamW learning rate of the warm start."""
+    eval_every: int = 10
+    """Evaluate (and maybe stop) every this many supervised steps."""
+    cache_dir: str = "runs/warmstart"
+    """Where warm-start checkpoints are cached, one directory per config hash."""
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.target_accuracy < 1.0, "target_accuracy", self.target_accuracy, "a number in (0, 1)")
+        require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.lr > 0, "lr", self.lr, "a number > 0")
+        require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    """Prompts per step; each is sampled ``algorithm.group_size`` times."""
+    max_new_tokens: int = 8
+    """Generation budget per completion (it also stops at EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs and entropy are computed at this temperature too."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 disables)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 disables)."""
+    backend: Literal["decode_loop"] = "decode_loop"
+    """Sampler: ``decode_loop`` is a batched KV-cache loop with per-completion seeded draws."""
+
+    def __post_init__(self) -> None:
+        require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "an integer >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        require(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
+        require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """AdamW learning rate after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, ...] = (0.9, 0.99)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up, in optimiser steps."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up (decays to 0 at ``trainer.max_steps``)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas", self.betas, "two numbers in [0, 1)",
+        )
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    """Optimiser steps (with ``mu`` passes per batch, ``mu`` steps per rollout batch)."""
+    devices: int | str = 1
+    """Lightning ``devices``: a count or ``auto``."""
+    accelerator: str = "cpu"
+    """Lightning accelerator: ``cpu``, ``gpu``, ``auto``..."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    """Lightning precision; log-probs, KL and entropy are computed in fp32 regardless."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many optimiser steps (and at the end)."""
+    num_threads: int = 0
+    """torch CPU threads (0 leaves torch's default)."""
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        require(
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+            "devices", self.devices, "an integer >= 1 or 'auto'",
+        )
+        require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 25
+    """Greedy eval accuracy every this many rollout steps (always before the first and after the last)."""
+    num_prompts: int = 200
+    """Prompts of the task's eval split used for ``eval/accuracy``."""
+
+    def __post_init__(self) -> None:
+        require(self.every_n_steps >= 1, "every_n_steps", self.every_n_steps, "an integer >= 1")
+        require(self.num_prompts >= 1, "num_prompts", self.num_prompts, "an integer >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = True
+    """Log to MLflow (alongside the CSV log that is always written)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI; default: an SQLite store ``mlflow.db`` next to ``output_dir``,
+    shared by every run there, so runs appear side by side in ``mlflow ui``."""
+    experiment: str = "rlbench"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; default: the last component of ``output_dir``."""
+
+
+@dataclass
+class PluginConfig:
+    """A ``task`` or ``algorithm`` section: the plug-in's name and its own options dataclass."""
+
+    name: str
+    options: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Directory of this run: checkpoints, CSV metrics, final model, summary."""
+    seed: int = 0
+    """Seed of every random draw (prompts, sampling, initialisation)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: PluginConfig = field(default_factory=lambda: default_plugin(TASKS, "arithmetic"))
+    algorithm: PluginConfig = field(default_factory=lambda: default_plugin(ALGORITHMS, "grpo"))
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, PluginConfig):
+                out[f.name] = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = value
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``{"algorithm.beta": 0.04, ...}``: every resolved field (what MLflow logs as params)."""
+        return dict(_flatten(self.to_dict()))
+
+
+def default_plugin(registry: Any, name: str) -> PluginConfig:
+    return PluginConfig(name, registry.get(name).Config())
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:  # type: ignore[assignment]
+    """Reads a YAML file (or nothing: all defaults), applies ``dotted.key=value`` overrides,
+    and validates everything. Raises ``ConfigError`` naming the field on any bad value."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(Path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "overrides are written dotted.key=value, e.g. algorithm.beta=0.0")
+        _set_dotted(data, key.strip(), _parse_scalar(raw))
+    return build(RunConfig, data, "")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RLBenchError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RLBenchError(f"config file {str(path)!r}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RLBenchError(
+            f"config file {str(path)!r} must hold a mapping of sections (model:, task:, ...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(part, child, f"{part!r} is a value, not a section; cannot set {key!r}")
+        node = child
+    node[leaf] = value
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, validating every field."""
+    if cls is RunConfig and isinstance(data, Mapping):
+        data = dict(data)
+        plugins = {
+            name: _build_plugin(registry, data.pop(name, {}), name)
+            for name, registry in (("task", TASKS), ("algorithm", ALGORITHMS))
+        }
+        return _build_dataclass(cls, data, path, extra=plugins)
+    return _build_dataclass(cls, data, path)
+
+
+def _build_plugin(registry: Any, data: Any, path: str) -> PluginConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, data, f"a mapping with 'name' and the {registry.kind}'s options")
+    data = dict(data)
+    default = RunConfig.__dataclass_fields__[path].default_factory()  # type: ignore[misc]
+    name = data.pop("name", default.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}.name", name, f"a {registry.kind} name: {', '.join(registry.names())}")
+    try:
+        plugin = registry.get(name)
+    except RegistryError as err:
+        raise ConfigError(f"{path}.name", name, str(err)) from None
+    return PluginConfig(name, _build_dataclass(plugin.Config, data, path, reserved=("name",)))
+
+
+def _build_dataclass(
+    cls: type, data: Any, path: str, extra: dict[str, Any] | None = None, reserved: tuple[str, ...] = ()
+) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(path or "config", data, f"a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs: dict[str, Any] = dict(extra or {})
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            choices = [*reserved, *known]
+            raise ConfigError(
+                where, value,
+                f"unknown field{did_you_mean(str(key), choices)}; "
+                f"valid fields{' of ' + path if path else ''}: {', '.join(choices)}",
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, where)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = check_type(value, tp, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(path) from None
+
+
+def check_type(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to type ``tp`` (a YAML scalar to the field's type), else ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+            return value
+        raise ConfigError(where, value, f"one of {', '.join(repr(a) for a in allowed)}")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return check_type(value, option, where)
+            except ConfigError as err:
+                errors.append(err.allowed)
+        raise ConfigError(where, value, " or ".join(errors + (["null"] if type(None) in options else [])))
+    if origin in (tuple, list):
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(where, value, "a list")
+        items = [check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(where, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(where, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(where, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(where, value, "a string")
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def config_hash(*sections: Any) -> str:
+    """Short stable hash of config sections (dataclasses or plain data), for cache keys."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, PluginConfig):
+            return x.to_dict()
+        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x  # type: ignore[arg-type]
+
+    blob = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- documentation
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted name, default, doc)`` for every field of ``cls``, nested sections included."""
+    rows: list[tuple[str, str, str]] = []
+    docs = field_docs(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if isinstance(value, PluginConfig):
+            continue
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", json.dumps(value, default=str), docs.get(f.name, "")))
+    return rows
+
+
+def help_text() -> str:
+    """Every config field with its default and doc: core sections, then each plug-in."""
+    lines = ["Run config fields (YAML sections, or dotted.key=value overrides):", ""]
+
+    def emit(rows: list[tuple[str, str, str]]) -> None:
+        for name, default, doc in rows:
+            lines.append(f"  {name} = {default}")
+            lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))
+
+    emit(describe(RunConfig))
+    for section, registry in (("task", TASKS), ("algorithm", ALGORITHMS)):
+        for name, plugin in registry:
+            lines += ["", f"{section}.name = {name!r} (options of {registry.kind} {name!r}):"]
+            emit(describe(plugin.Config, f"{section}."))
+    return "\n".join(lines)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False)

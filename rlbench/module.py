@@ -1,0 +1,274 @@
+"""RLModule: one Lightning module runs every on-policy algorithm.
+
+A training step is: prompts for this step -> ``G`` sampled completions each (KV-cache decode,
+seeded per completion) -> task rewards -> ``algorithm.prepare`` (advantages) -> reference
+log-probs if the algorithm needs them -> ``mu`` optimiser steps on ``algorithm.loss``. The
+module knows no algorithm or task by name: what differs is a property or method of the
+plug-in (``group_size``, ``needs_reference``, ``passes_per_batch``, ``keep_groups``...).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from rlbench.algorithm import LossScale, RolloutBatch
+from rlbench.config import RunConfig
+from rlbench.data import PromptBatch, PromptSource
+from rlbench.errors import RewardError, RLBenchError
+from rlbench.evaluation import decode_completions, encode_prompts, greedy_accuracy
+from rlbench.policy import completion_logprobs, frozen_copy, load_policy
+from rlbench.registry import ALGORITHMS, TASKS
+from rlbench.rollout import BACKENDS, SamplingParams
+
+
+class FrozenReference:
+    """The reference policy, held outside the module's parameters (not checkpointed, not trained)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
+        logprobs, _ = completion_logprobs(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
+        )
+        return logprobs
+
+
+class RLModule(pl.LightningModule):
+    def __init__(self, config: RunConfig, model_path: str) -> None:
+        super().__init__()
+        self.config = config
+        self.task = TASKS.get(config.task.name)(config.task.options)
+        self.algorithm = ALGORITHMS.get(config.algorithm.name)(config.algorithm.options)
+        self.policy, self.tokenizer = load_policy(model_path, config.model.dtype, config.model.trust_remote_code)
+        self.policy.train()
+        self.reference = FrozenReference(frozen_copy(self.policy)) if self.algorithm.needs_reference else None
+        self.backend = BACKENDS[config.rollout.backend](self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.source = PromptSource(self.task, config.rollout.prompts_per_step, config.seed)
+        rollout = config.rollout
+        self.sampling = SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
+        self.eval_prompts = self.source.eval_prompts(config.eval.num_prompts)
+        self.automatic_optimization = False
+        #: ``(optimiser step, accuracy)`` of every evaluation of this process's run.
+        self.eval_history: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def configure_optimizers(self) -> Any:
+        optim = self.config.optim
+        optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
+        total = self.config.trainer.max_steps
+
+        def factor(step: int) -> float:
+            if step < optim.warmup_steps:
+                return (step + 1) / (optim.warmup_steps + 1)
+            progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+            if optim.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            if optim.schedule == "linear":
+                return max(0.0, 1 - progress)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.model.to(self.device)
+
+    def training_step(self, tick: Any, batch_idx: int) -> None:
+        step = self.global_step // self.algorithm.passes_per_batch
+        if step % self.config.eval.every_n_steps == 0:
+            self.evaluate()
+        started = time.perf_counter()
+        batch, metrics = self.collect(step)
+        metrics.update(self.update(batch))
+        metrics["perf/step_s"] = time.perf_counter() - started
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
+        if self.global_step >= self.trainer.max_steps:
+            self.evaluate()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlbench_config"] = self.config.to_dict()
+        checkpoint["rlbench_eval_history"] = [list(item) for item in self.eval_history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.eval_history = [(int(s), float(a)) for s, a in checkpoint.get("rlbench_eval_history", [])]
+
+    # ------------------------------------------------------------------ the RL step
+
+    def collect(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """Samples and scores the step's groups; with resampling, replaces rejected groups."""
+        G = self.algorithm.group_size
+        wanted = self.config.rollout.prompts_per_step
+        first, metrics = self.sample(self.source.batch(step))
+        kept: list[RolloutBatch] = []
+        count = 0
+        for round_ in range(self.algorithm.max_resample_rounds + 1):
+            part = first if round_ == 0 else self.sample(self.source.batch(step, round_))[0]
+            keep = self.algorithm.keep_groups(part.rewards.view(-1, G).cpu())
+            if bool(keep.any()):
+                rows = keep.repeat_interleave(G).nonzero().squeeze(-1).to(part.rewards.device)
+                kept.append(part.rows(rows))
+                count += int(keep.sum())
+            if count >= wanted:
+                break
+        # With no group left (e.g. every reward equal), train on the first sample as drawn:
+        # its advantages are zero, so only regularisers (KL) move the policy.
+        batch = concat_batches(kept, self.tokenizer.pad_token_id).rows(slice(0, wanted * G)) if kept else first
+        metrics["train/kept_groups"] = len(batch) / G
+        return batch, metrics
+
+    def sample(self, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """``G`` completions per prompt and their rewards; metrics describe this sample."""
+        G = self.algorithm.group_size
+        texts = [p.text for p in prompts.prompts for _ in range(G)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, self.device)
+        started = time.perf_counter()
+        rollout = self.backend.generate(
+            self.policy, prompt_ids, prompt_mask, self.source.completion_seeds(prompts, G), self.sampling
+        )
+        generate_s = time.perf_counter() - started
+        completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
+        rewards = self.score([p for p in prompts.prompts for _ in range(G)], completions)
+        grouped = rewards.view(-1, G)
+        lengths = rollout.completion_mask.sum(-1)
+        distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
+        metrics = {
+            "train/reward_mean": rewards.mean().item(),
+            "train/reward_std": rewards.std(unbiased=False).item(),
+            "train/reward_group_std": grouped.std(-1, unbiased=False).mean().item(),
+            "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values).float().mean().item(),
+            "train/completion_len": lengths.mean().item(),
+            "train/distinct_completions": sum(distinct) / len(distinct),
+            "perf/rollout_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
+        }
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=rollout.completion_ids,
+            completion_mask=rollout.completion_mask,
+            behaviour_logprobs=rollout.logprobs,
+            rewards=rewards,
+            group_size=G,
+        )
+        return batch, metrics
+
+    def score(self, prompts: list[Any], completions: list[str]) -> Tensor:
+        rewards = self.task.rewards(prompts, completions)
+        name = self.config.task.name
+        if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
+            got = len(rewards) if hasattr(rewards, "__len__") else type(rewards).__name__
+            raise RewardError(f"task {name!r}: rewards() returned {got} values for {len(completions)} completions")
+        bad = [r for r in rewards if isinstance(r, bool) or not isinstance(r, (int, float))]
+        if bad:
+            raise RewardError(f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats")
+        return torch.tensor(rewards, dtype=torch.float32, device=self.device)
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """``mu`` optimiser steps on the algorithm's loss over one batch of rollouts."""
+        temperature = self.config.rollout.temperature
+        batch = self.algorithm.prepare(batch)
+        if self.reference is not None:
+            batch.ref_logprobs = self.reference.logprobs(batch, temperature)
+        if self.algorithm.passes_per_batch > 1:  # pi_old: the policy that sampled, before any update
+            with torch.no_grad():
+                batch.old_logprobs = self.policy_logprobs(batch)[0]
+        scale = LossScale(len(batch), int(batch.completion_mask.sum()), self.config.rollout.max_new_tokens)
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        history: list[dict[str, Tensor]] = []
+        entropy = torch.tensor(0.0)
+        for pass_index in range(self.algorithm.passes_per_batch):
+            logprobs, token_entropy = self.policy_logprobs(batch, with_entropy=pass_index == 0)
+            if token_entropy is not None:
+                entropy = (token_entropy * batch.completion_mask).sum() / batch.completion_mask.sum().clamp(min=1)
+            loss, metrics = self.algorithm.loss(logprobs, batch, scale)
+            if not torch.isfinite(loss):
+                raise RLBenchError(f"non-finite loss {loss.item()} at optimiser step {self.global_step}")
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            clip = self.config.optim.grad_clip or math.inf
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            history.append(metrics)
+        out = {f"train/{name}": value for name, value in reduce_metrics(history).items()}
+        out["train/entropy"] = float(entropy)
+        out["train/lr"] = scheduler.get_last_lr()[0]
+        return out
+
+    def policy_logprobs(self, batch: RolloutBatch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        return completion_logprobs(
+            self.policy,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            self.config.rollout.temperature,
+            with_entropy=with_entropy,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> float:
+        """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the optimiser step."""
+        accuracy = greedy_accuracy(
+            self.policy, self.tokenizer, self.task, self.eval_prompts, self.backend, self.config.rollout.max_new_tokens
+        )
+        step = self.global_step
+        if not self.eval_history or self.eval_history[-1][0] != step:
+            self.eval_history.append((step, accuracy))
+        for logger in self.loggers:
+            logger.log_metrics({"eval/accuracy": accuracy}, step=step)
+        self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
+        pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
+        return accuracy
+
+
+def reduce_metrics(history: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Combines per-pass metrics: ``_min``/``_max`` by min/max, ``loss`` by its mean, the rest by mean."""
+    out: dict[str, float] = {}
+    for name in history[0]:
+        values = [float(h[name]) for h in history]
+        if name.endswith("_min"):
+            out[name] = min(values)
+        elif name.endswith("_max"):
+            out[name] = max(values)
+        else:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """Stacks rollout batches, left-padding prompts and right-padding completions to a common width."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_len = max(b.prompt_ids.shape[1] for b in batches)
+    completion_len = max(b.completion_ids.shape[1] for b in batches)
+
+    def left(t: Tensor, width: int, value: float) -> Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    def right(t: Tensor, width: int, value: float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return RolloutBatch(
+        prompt_ids=torch.cat([left(b.prompt_ids, prompt_len, pad_token_id) for b in batches]),
+        prompt_mask=torch.cat([left(b.prompt_mask, prompt_len, 0) for b in batches]),
+        completion_ids=torch.cat([right(b.completion_ids, completion_len, pad_token_id) for b in batches]),
+        completion_mask=torch.cat([right(b.completion_mask, completion_len, 0) for b in batches]),
+        behaviour_logprobs=torch.cat([right(b.behaviour_logprobs, completion_len, 0) for b in batches]),
+        rewards=torch.cat([b.rewards for b in batches]),
+        group_size=batches[0].group_size,
+    )

@@ -1,0 +1,159 @@
+"""Policies: any Hugging Face causal LM, tiny presets, a frozen reference, log-probs and entropy.
+
+A policy is loaded from a hub name or a local ``save_pretrained`` directory with the
+``Auto*`` classes. Tiny presets (for tests and CPU demos) are built from a ``LlamaConfig``
+and a char-level tokenizer, saved with ``save_pretrained`` and then loaded through the very
+same path, so the loading code that real models take is the code the tests run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlbench.errors import RLBenchError
+
+#: Tiny Llama shapes; ``medium-llama`` is the medium benchmark shape of ``../shared/peers``.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny-llama": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    "small-llama": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    "medium-llama": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
+}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def char_tokenizer(alphabet: str) -> Any:
+    """A fast tokenizer with one token per character of ``alphabet`` plus pad/bos/eos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in dict.fromkeys(alphabet):  # keeps first occurrences, in order
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # decode "4","6" as "46", not "4 6"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
+    """Creates preset ``name`` (random weights from ``seed``) and saves model + tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer(alphabet)
+    vocab_size = -(-len(tokenizer) // 32) * 32  # round up: matmul-friendly and as in the peers
+    shape = PRESETS[name]
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    tmp = directory.with_name(directory.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(directory)  # atomic: a half-written preset is never picked up
+    return directory
+
+
+def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: Path) -> str:
+    """A loadable name: a local directory, a preset (built into ``cache_dir`` once), or a hub name."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if name_or_path in PRESETS:
+        from rlbench.config import config_hash
+
+        directory = cache_dir / "presets" / f"{name_or_path}-{config_hash(alphabet, seed)}"
+        if not directory.is_dir():
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            build_preset(name_or_path, alphabet, seed, directory)
+        return str(directory)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise RLBenchError(
+            f"model.name_or_path={name_or_path!r}: no such directory; give a local save_pretrained "
+            f"directory, a hub name, or a preset ({', '.join(PRESETS)})"
+        )
+    return name_or_path
+
+
+def load_policy(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a hub name or a local directory, tokenizer left-padded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RLBenchError(f"model.name_or_path={name_or_path!r} could not be loaded: {first_line}") from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise RLBenchError(f"model.name_or_path={name_or_path!r}: the tokenizer has no EOS token")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen reference policy: same weights, eval mode, no gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs of ``completion_ids`` (and exact entropy) under ``model``, in fp32.
+
+    One teacher-forced forward over prompt + completion; logits are computed for completion
+    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)``. The
+    entropy is the exact ``-sum_v p_v log p_v`` over the vocabulary, detached.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    num_completion = completion_ids.shape[1]
+    padded = not bool(prompt_mask.all())
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask if padded else None,
+        position_ids=position_ids(mask) if padded else None,
+        use_cache=False,
+        logits_to_keep=num_completion + 1,
+    )
+    logits = out.logits[:, :-1].float() / temperature  # position t predicts completion token t
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    return logprobs, entropy

@@ -1,0 +1,147 @@
+"""Rollouts: batched sampling with a KV cache, every draw seeded per completion.
+
+Each completion owns a seed derived from ``(run seed, step, prompt index, sample index)``;
+its uniform draws come from a generator with that seed and pick tokens by inverse-CDF
+sampling. So a run is reproducible and resumable from any step, and a completion does not
+depend on which other prompts share its batch or how many processes split the step.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rlbench.policy import position_ids
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """Sampled completions: ``[B, T]`` tensors, ``T <= max_new_tokens``."""
+
+    completion_ids: Tensor  # pad after EOS
+    completion_mask: Tensor  # float, 1 up to and including EOS
+    logprobs: Tensor  # behaviour log-probs of the sampled tokens (0 where masked)
+
+
+class RolloutBackend(abc.ABC):
+    """Turns prompts into completions. A vLLM backend slots in here on GPUs."""
+
+    @abc.abstractmethod
+    def generate(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, seeds: list[int], params: SamplingParams
+    ) -> Rollout:
+        """Samples one completion per row of ``prompt_ids`` (left padded), row ``i`` from ``seeds[i]``."""
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Sets logits outside the top-k / top-p (nucleus) set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class DecodeLoop(RolloutBackend):
+    """A hand-written decode loop over a Hugging Face model's KV cache.
+
+    Lighter than ``generate``: no logits processors, logits for the last position only, and
+    per-row seeded draws. Stops when every row has emitted EOS.
+    """
+
+    def __init__(self, eos_token_id: int, pad_token_id: int) -> None:
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def generate(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, seeds: list[int], params: SamplingParams
+    ) -> Rollout:
+        from transformers import DynamicCache
+
+        rows, device = prompt_ids.shape[0], prompt_ids.device
+        greedy = params.temperature == 0
+        uniforms = None
+        if not greedy:
+            uniforms = torch.stack(
+                [torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds]
+            ).to(device)
+        padded = not bool(prompt_mask.all())
+        mask = prompt_mask.clone()
+        cache = DynamicCache()
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=mask if padded else None,
+            position_ids=position_ids(mask) if padded else None,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_position = position_ids(mask)[:, -1:] + 1
+        tokens, logprobs = [], []
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in range(params.max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if greedy:
+                token = logits.argmax(-1)
+                logp = torch.zeros(rows, device=device)
+            else:
+                logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+                log_dist = torch.log_softmax(logits, dim=-1)
+                cdf = log_dist.exp().cumsum(-1)
+                # inverse-CDF draw: the first token whose cumulative mass exceeds u
+                token = torch.searchsorted(cdf, (uniforms[:, t : t + 1] * cdf[:, -1:]).contiguous())
+                token = token.squeeze(-1).clamp(max=logits.shape[-1] - 1)
+                logp = log_dist.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens.append(token)
+            logprobs.append(logp.masked_fill(finished, 0.0))
+            finished = finished | (token == self.eos_token_id)
+            if bool(finished.all()) or t == params.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            out = model(
+                input_ids=token.unsqueeze(-1),
+                attention_mask=mask if padded else None,
+                position_ids=next_position if padded else None,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+        completion_ids = torch.stack(tokens, dim=1)
+        return Rollout(completion_ids, completion_mask(completion_ids, self.eos_token_id), torch.stack(logprobs, 1))
+
+
+def completion_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:
+    """1.0 for every token up to and including the first EOS, 0.0 after it."""
+    is_eos = (completion_ids == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before position t
+    return (eos_before == 0).float()
+
+
+BACKENDS: dict[str, type[RolloutBackend]] = {"decode_loop": DecodeLoop}

@@ -1,0 +1,114 @@
+"""``train``: one RL run from a resolved config, start to finish (or resumed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rlbench.config import RunConfig, dump_yaml
+from rlbench.errors import RLBenchError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def quiet_libraries() -> None:
+    """Keeps library chatter (download bars, tips) out of a run's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to overwrite or to resume nothing."""
+    out = Path(config.output_dir)
+    last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if resume and not last.is_file():
+        raise RLBenchError(f"--resume: no checkpoint at {str(last)!r}; start the run without --resume")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise RLBenchError(
+            f"output_dir={str(out)!r} already holds a run; pass --resume to continue it, "
+            f"or choose another output_dir"
+        )
+    return last if resume else None
+
+
+def train(config: RunConfig, resume: bool = False, progress_bar: bool = True) -> dict[str, Any]:
+    """Warm start (cached) -> RL training -> final eval. Returns the run's summary."""
+    checkpoint = check_run_dir(config, resume)
+    quiet_libraries()
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rlbench.data import StepTicks
+    from rlbench.module import RLModule
+    from rlbench.registry import TASKS
+    from rlbench.tracking import build_loggers, mlflow_tracking_uri, start_loggers, ui_command
+    from rlbench.warmstart import base_model_path, warm_start
+
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
+    started = time.perf_counter()
+    if config.warmstart.enabled:
+        model_path, info = warm_start(config, quiet=not progress_bar)
+        print(f"warm start: {model_path} (eval accuracy {info['accuracy']:.3f} after {info['steps']} steps)")
+    else:
+        model_path = base_model_path(config, TASKS.get(config.task.name)(config.task.options))
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(config))
+    pl.seed_everything(config.seed, verbose=False)
+    module = RLModule(config, model_path)
+    loggers = build_loggers(config, resume)
+    start_loggers(loggers, config, resume)
+    if config.logging.mlflow:
+        print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
+    checkpoints = ModelCheckpoint(
+        dirpath=out / CHECKPOINT_DIR,
+        filename="step-{step}",
+        every_n_train_steps=config.trainer.checkpoint_every,
+        save_top_k=1,
+        monitor=None,
+        save_last=True,
+    )
+    trainer = pl.Trainer(
+        max_steps=config.trainer.max_steps,
+        accelerator=config.trainer.accelerator,
+        devices=config.trainer.devices,
+        precision=config.trainer.precision,
+        logger=loggers,
+        callbacks=[checkpoints],
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, train_dataloaders=StepTicks(), ckpt_path=str(checkpoint) if checkpoint else None)
+    history = module.eval_history
+    summary = {
+        "output_dir": str(out),
+        "algorithm": config.algorithm.name,
+        "task": config.task.name,
+        "steps": trainer.global_step,
+        "accuracy_before": history[0][1] if history else None,
+        "accuracy_after": history[-1][1] if history else None,
+        "eval_history": history,
+        "wall_s": time.perf_counter() - started,
+        "model_path": model_path,
+        "mlflow_tracking_uri": mlflow_tracking_uri(config) if config.logging.mlflow else None,
+    }
+    if trainer.is_global_zero:
+        module.policy.save_pretrained(out / "final_model")
+        module.tokenizer.save_pretrained(out / "final_model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,199 @@
+"""Arithmetic: compute ``12+34=`` and answer ``46``, checked by exact string match.
+
+Each problem is a tuple of operands joined by operators drawn uniformly from ``operators``
+(one per gap). The expression is evaluated with normal precedence (``*`` before ``+``/``-``),
+so ``2+3*4=`` is ``14``; with ``-`` answers may be negative (``3-15=`` is ``-12``).
+
+Splits: the eval split is a fixed set of exactly ``eval_size`` distinct problems, the first
+ones drawn by ``random.Random(split_seed)`` from the whole problem space; the train split is
+every other problem. Train and eval therefore never share a problem, and the eval set depends
+only on the config (growing ``eval_size`` extends it, keeping the earlier problems). So that
+train keeps most of the space, ``eval_size`` may be at most half the number of distinct
+problems: a small space (1-digit addition has 100 problems) is a config error, not a
+silently tiny or overlapping split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from rlbench.errors import require
+from rlbench.registry import TASKS
+from rlbench.task import Prompt, Split, Task
+
+OPERATORS = ("+", "-", "*")
+INTEGER = re.compile(r"-?\d+")
+# A problem: (operands, operators between them).
+Problem = tuple[tuple[int, ...], tuple[str, ...]]
+
+
+@dataclass
+class ArithmeticConfig:
+    digits: int = 2
+    """Digits of the first operand (1 digit means 0-9; d > 1 digits means 10^(d-1) to 10^d - 1)."""
+    digits_b: int | None = None
+    """Digits of every other operand; None means the same as ``digits``."""
+    operands: int = 2
+    """Numbers in each expression (2 gives ``a+b=``)."""
+    operators: tuple[str, ...] = ("+",)
+    """Operators to draw from, one uniformly per gap; a non-empty subset of '+', '-', '*'."""
+    eval_size: int = 200
+    """Distinct problems in the fixed eval split (at most half of all distinct problems)."""
+    split_seed: int = 1234
+    """Seed that picks which problems form the eval split."""
+    format_reward: float = 0.0
+    """Reward for a wrong answer that is still a well-formed integer; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.digits, int) and 1 <= self.digits <= 9,
+            "digits",
+            self.digits,
+            "an integer from 1 to 9",
+        )
+        require(
+            self.digits_b is None or (isinstance(self.digits_b, int) and 1 <= self.digits_b <= 9),
+            "digits_b",
+            self.digits_b,
+            "null or an integer from 1 to 9",
+        )
+        require(
+            isinstance(self.operands, int) and self.operands >= 2,
+            "operands",
+            self.operands,
+            "an integer >= 2",
+        )
+        self.operators = tuple(self.operators)
+        require(
+            len(self.operators) > 0
+            and set(self.operators) <= set(OPERATORS)
+            and len(set(self.operators)) == len(self.operators),
+            "operators",
+            self.operators,
+            "a non-empty list of distinct operators from '+', '-', '*'",
+        )
+        require(0.0 <= self.format_reward < 1.0, "format_reward", self.format_reward, "a number in [0, 1)")
+        total = self.problem_count()
+        require(
+            isinstance(self.eval_size, int) and 1 <= self.eval_size <= total // 2,
+            "eval_size",
+            self.eval_size,
+            f"an integer from 1 to {total // 2} (half of the {total} distinct "
+            "problems; raise digits or operands for a larger eval split)",
+        )
+
+    def operand_range(self, index: int) -> tuple[int, int]:
+        """Inclusive (low, high) of operand ``index``: 0-9 for one digit, else exactly d digits."""
+        d = self.digits if index == 0 or self.digits_b is None else self.digits_b
+        return (0 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+    def problem_count(self) -> int:
+        """Number of distinct problems (operand values times operator choices)."""
+        count = len(self.operators) ** (self.operands - 1)
+        for i in range(self.operands):
+            low, high = self.operand_range(i)
+            count *= high - low + 1
+        return count
+
+
+def evaluate(operands: tuple[int, ...], operators: tuple[str, ...]) -> int:
+    """Value of the expression with normal precedence: products first, then a signed sum."""
+    total, term, sign = 0, operands[0], 1
+    for op, x in zip(operators, operands[1:], strict=True):
+        if op == "*":
+            term *= x
+        else:
+            total += sign * term
+            term, sign = x, (1 if op == "+" else -1)
+    return total + sign * term
+
+
+@TASKS.register("arithmetic")
+class Arithmetic(Task):
+    """Multi-digit arithmetic (a+b=, optionally - and *) with an exact-answer verifier."""
+
+    Config = ArithmeticConfig
+    alphabet = "0123456789+-*="
+
+    def __init__(self, config: ArithmeticConfig) -> None:
+        super().__init__(config)
+        self.config: ArithmeticConfig = config
+        # (low, count) per operand: drawing with rng.random() is several times faster than randint.
+        self._ranges = [
+            (low, high - low + 1) for low, high in map(config.operand_range, range(config.operands))
+        ]
+
+    def _draw(self, rng: random.Random) -> Problem:
+        uniform, ops = rng.random, self.config.operators
+        operands = tuple(low + int(uniform() * count) for low, count in self._ranges)
+        operators = tuple(ops[int(uniform() * len(ops))] for _ in range(self.config.operands - 1))
+        return operands, operators
+
+    @cached_property
+    def eval_problems(self) -> list[Problem]:
+        """The eval split in draw order: the first ``eval_size`` distinct draws of ``split_seed``."""
+        rng, seen, ordered = random.Random(self.config.split_seed), set(), []
+        while len(ordered) < self.config.eval_size:
+            problem = self._draw(rng)
+            if problem not in seen:
+                seen.add(problem)
+                ordered.append(problem)
+        return ordered
+
+    @cached_property
+    def _eval_set(self) -> frozenset[Problem]:
+        return frozenset(self.eval_problems)
+
+    def is_eval(self, problem: Problem) -> bool:
+        """Whether ``problem`` belongs to the eval split (every other problem is train)."""
+        return problem in self._eval_set
+
+    @staticmethod
+    def to_prompt(problem: Problem) -> Prompt:
+        operands, operators = problem
+        text = str(operands[0]) + "".join(op + str(x) for op, x in zip(operators, operands[1:], strict=True))
+        return Prompt(text=text + "=", answer=str(evaluate(operands, operators)))
+
+    def train_problems(self, n: int, seed: int) -> list[Problem]:
+        """``n`` train problems drawn with replacement by ``random.Random(seed)``, eval ones rejected."""
+        rng, eval_set, problems = random.Random(seed), self._eval_set, []
+        while len(problems) < n:
+            problem = self._draw(rng)
+            if problem not in eval_set:
+                problems.append(problem)
+        return problems
+
+    def prompts(self, split: Split, n: int, seed: int) -> list[Prompt]:
+        """Train: a seeded stream with replacement. Eval: ``n`` distinct problems of the fixed split.
+
+        Eval prompts are a ``random.Random(seed)`` sample of the eval split, so they are fixed
+        for a given config, ``n`` and ``seed``; asking for more than ``eval_size`` raises.
+        """
+        if split == "train":
+            problems = self.train_problems(n, seed)
+        elif split == "eval":
+            if n > self.config.eval_size:
+                raise ValueError(
+                    f"asked for {n} eval prompts but the eval split has task.eval_size="
+                    f"{self.config.eval_size} problems; raise eval_size or ask for fewer"
+                )
+            problems = random.Random(seed).sample(self.eval_problems, n)
+        else:
+            raise ValueError(f"unknown split {split!r}; valid splits: 'train', 'eval'")
+        return [self.to_prompt(p) for p in problems]
+
+    def reward(self, prompt: Prompt, completion: str) -> float:
+        """1 for the exact answer, ``format_reward`` for another integer, else 0 (whitespace ignored)."""
+        text = "".join(completion.split())
+        if text == prompt.answer:
+            return 1.0
+        return self.config.format_reward if INTEGER.fullmatch(text) else 0.0
+
+    def is_correct(self, prompt: Prompt, completion: str) -> bool:
+        return "".join(completion.split()) == prompt.answer
+
+    def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
+        return [(p.text, p.answer) for p in self.prompts("train", n, seed)]

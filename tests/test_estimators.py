@@ -1,0 +1,128 @@
+"""KL and advantage estimators against hand-computed values (THEORY sections 1, 2 and 9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlbench.estimators import (
+    KL_ESTIMATORS,
+    exact_kl,
+    group_advantages,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    leave_one_out_advantages,
+)
+
+# THEORY section 1 worked example: mean 0.625, population std 0.26810, sample std 0.30957.
+REWARDS = torch.tensor([[0.8, 0.6, 0.2, 0.9]], dtype=torch.float64)
+
+
+def test_group_advantages_population_std() -> None:
+    # (0.8 - 0.625) / 0.26810 = +0.6528, (0.6 - 0.625) / 0.26810 = -0.0933, ...
+    expected = torch.tensor([[0.6528, -0.0933, -1.5853, 1.0258]], dtype=torch.float64)
+    got = group_advantages(REWARDS, std="population", eps=1e-8)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_group_advantages_sample_std() -> None:
+    # (0.8 - 0.625) / 0.30957 = +0.5653, ... (torch.std, as TRL and verl)
+    expected = torch.tensor([[0.5653, -0.0808, -1.3729, 0.8883]], dtype=torch.float64)
+    got = group_advantages(REWARDS, std="sample", eps=1e-8)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # The default eps = 1e-4 moves each value by at most |A| * eps / std ~ 5e-4.
+    torch.testing.assert_close(group_advantages(REWARDS), expected, atol=1e-3, rtol=0)
+
+
+def test_group_advantages_without_std_scaling_is_centred_reward() -> None:
+    # Dr. GRPO: r - 0.625 = [+0.175, -0.025, -0.425, +0.275]
+    expected = torch.tensor([[0.175, -0.025, -0.425, 0.275]], dtype=torch.float64)
+    torch.testing.assert_close(group_advantages(REWARDS, scale_by_std=False), expected)
+
+
+def test_group_advantages_are_per_group_and_equal_rewards_give_zero() -> None:
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    got = group_advantages(rewards, std="population", eps=1e-8)
+    # Group 0: mean 0.5, population std 0.5 -> [+1, -1]; group 1: all equal -> 0 / (0 + eps) = 0.
+    torch.testing.assert_close(got, torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("std", ["sample", "population"])
+def test_group_of_one_gives_zero_not_nan(std: str) -> None:
+    # The sample std of one value is undefined (torch.std gives NaN); r - mean = 0 anyway.
+    got = group_advantages(torch.tensor([[0.7], [0.1]]), std=std)  # type: ignore[arg-type]
+    assert torch.equal(got, torch.zeros(2, 1))
+
+
+def test_leave_one_out_advantages_hand_example() -> None:
+    # r = [1, 0, 0, 1]: A_0 = 1 - (0 + 0 + 1)/3 = 2/3, A_1 = 0 - (1 + 0 + 1)/3 = -2/3, ...
+    got = leave_one_out_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0]]))
+    # Second group: A_0 = 3 - (1+2+2)/3 = 4/3, A_1 = 1 - 7/3 = -4/3, A_2 = A_3 = 2 - 6/3 = 0.
+    expected = torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [4 / 3, -4 / 3, 0.0, 0.0]])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        leave_one_out_advantages(torch.tensor([[1.0]]))
+
+
+# Two categorical distributions: q = policy (sampled from), p = reference.
+Q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+P = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+# KL(q||p) = 0.5 ln(0.5/0.2) + 0.3 ln(0.3/0.5) + 0.2 ln(0.2/0.3)
+#          = 0.45815 - 0.15325 - 0.08109 = 0.22380
+EXACT_KL = sum(q * math.log(q / p) for q, p in zip(Q.tolist(), P.tolist(), strict=True))
+
+
+def _samples(n: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.multinomial(Q, n, replacement=True, generator=generator)
+    return Q.log()[x], P.log()[x]
+
+
+def test_exact_kl_constant_matches_hand_value() -> None:
+    assert EXACT_KL == pytest.approx(0.22380, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["k1", "k3"])
+def test_unbiased_estimators_converge_to_exact_kl(name: str) -> None:
+    logp, ref_logp = _samples()
+    mean = kl_estimate(name, logp, ref_logp).mean().item()
+    assert mean == pytest.approx(EXACT_KL, rel=0.02)
+
+
+def test_k2_and_k3_are_nonnegative_on_every_sample() -> None:
+    logp, ref_logp = _samples()
+    assert (kl_k2(logp, ref_logp) >= 0).all()
+    assert (kl_k3(logp, ref_logp) >= 0).all()
+    # k1 is not: a token more likely under p than q (x = 1, 2) gives -log r < 0.
+    assert (kl_k1(logp, ref_logp) < 0).any()
+
+
+@pytest.mark.parametrize("name", sorted(KL_ESTIMATORS))
+def test_estimators_are_zero_for_equal_distributions(name: str) -> None:
+    logp, _ = _samples(1000)
+    assert torch.equal(kl_estimate(name, logp, logp.clone()), torch.zeros_like(logp))
+
+
+def test_k3_is_finite_for_extreme_log_ratios() -> None:
+    # log r = +-1e4 would overflow exp; the clamp keeps k3 finite and non-negative.
+    logp = torch.tensor([0.0, 0.0])
+    ref_logp = torch.tensor([1e4, -1e4])
+    k3 = kl_k3(logp, ref_logp)
+    assert torch.isfinite(k3).all() and (k3 >= 0).all()
+
+
+def test_unknown_estimator_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_estimate("k4", torch.zeros(1), torch.zeros(1))
+
+
+def test_exact_kl_from_logits_matches_formula() -> None:
+    # Logits = log-probs + an arbitrary per-row shift (softmax is shift-invariant).
+    logits_q = torch.stack([Q.log() + 3.0, P.log()])
+    logits_p = torch.stack([P.log() - 1.0, P.log() + 2.0])
+    got = exact_kl(logits_q, logits_p)
+    torch.testing.assert_close(got, torch.tensor([EXACT_KL, 0.0], dtype=torch.float64))

@@ -1,0 +1,128 @@
+"""Policy loading, rollouts and log-probs on a tiny preset saved and loaded like a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlbench.errors import RLBenchError
+from rlbench.evaluation import encode_prompts
+from rlbench.policy import char_tokenizer, completion_logprobs, load_policy, resolve_model_path
+from rlbench.rollout import DecodeLoop, SamplingParams, completion_mask, derive_seed, filter_logits
+
+ALPHABET = "0123456789+-*="
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory):
+    path = resolve_model_path("tiny-llama", ALPHABET, 0, tmp_path_factory.mktemp("presets"))
+    model, tokenizer = load_policy(path)
+    return model.eval(), tokenizer
+
+
+def sample(policy, texts: list[str], seeds: list[int], **params):
+    model, tokenizer = policy
+    ids, mask = encode_prompts(tokenizer, texts, torch.device("cpu"))
+    backend = DecodeLoop(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return ids, mask, backend.generate(model, ids, mask, seeds, SamplingParams(**{"max_new_tokens": 12, **params}))
+
+
+PROMPTS = ["12+34=", "7+5=", "99+1=", "3*4=", "50-8=", "1+1=", "64+36=", "8-9="]  # mixed lengths: left padding
+SEEDS = [derive_seed(0, 0, i) for i in range(len(PROMPTS))]
+
+
+def test_preset_round_trips_through_save_pretrained(policy, tmp_path: Path):
+    model, tokenizer = policy
+    assert model.config.vocab_size == 32 and model.config.hidden_size == 128
+    assert tokenizer.decode(tokenizer("12+34=")["input_ids"]) == "12+34="
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_policy(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(RLBenchError, match="no such directory"):
+        resolve_model_path(str(tmp_path / "nope"), ALPHABET, 0, tmp_path)
+    with pytest.raises(RLBenchError, match="could not be loaded"):
+        load_policy(str(tmp_path))  # exists, holds no model
+
+
+def test_rollout_logprobs_match_teacher_forcing(policy):
+    ids, mask, rollout = sample(policy, PROMPTS, SEEDS, temperature=0.7)
+    logprobs, entropy = completion_logprobs(
+        policy[0], ids, mask, rollout.completion_ids, rollout.completion_mask, temperature=0.7, with_entropy=True
+    )
+    m = rollout.completion_mask
+    assert torch.allclose(logprobs * m, rollout.logprobs * m, atol=1e-5)
+    assert entropy is not None and bool((entropy >= 0).all())
+    assert float(entropy.max()) <= torch.log(torch.tensor(32.0)) + 1e-5  # at most log |V|
+
+
+def test_entropy_is_exact(policy):
+    model, _ = policy
+    ids, mask, rollout = sample(policy, PROMPTS[:2], SEEDS[:2])
+    _, entropy = completion_logprobs(model, ids, mask, rollout.completion_ids, rollout.completion_mask, 1.0, True)
+    full = torch.cat([ids, rollout.completion_ids], 1)
+    full_mask = torch.cat([mask, rollout.completion_mask.long()], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits[:, ids.shape[1] - 1 : -1]
+    p = torch.softmax(logits.double(), -1)
+    expected = -(p * p.log()).sum(-1)
+    assert torch.allclose(entropy.double(), expected, atol=1e-4)
+
+
+def test_mask_stops_after_eos(policy):
+    _, tokenizer = policy
+    _, _, rollout = sample(policy, PROMPTS * 4, [derive_seed(1, i) for i in range(32)], temperature=2.0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ended = 0
+    for ids, m in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+        if eos in ids:
+            ended += 1
+            first = ids.index(eos)
+            assert m == [1.0] * (first + 1) + [0.0] * (len(ids) - first - 1)
+            assert all(t == pad for t in ids[first + 1 :])
+        else:
+            assert all(v == 1.0 for v in m)
+    assert ended > 0  # the check above ran on real EOS rows
+    assert completion_mask(torch.tensor([[5, 2, 7, 2]]), 2).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+
+def test_same_seed_same_completions(policy):
+    a = sample(policy, PROMPTS, SEEDS)[2].completion_ids
+    b = sample(policy, PROMPTS, SEEDS)[2].completion_ids
+    c = sample(policy, PROMPTS, [s + 1 for s in SEEDS])[2].completion_ids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_completions_do_not_depend_on_the_batch_split(policy):
+    whole = sample(policy, PROMPTS, SEEDS)[2]
+    for split in (1, 3, 5):
+        parts = [sample(policy, PROMPTS[i : i + split], SEEDS[i : i + split])[2] for i in range(0, 8, split)]
+        for row, (part, offset) in enumerate((p, r) for p in parts for r in range(len(p.completion_ids))):
+            n = int(part.completion_mask[offset].sum())
+            assert part.completion_ids[offset, :n].tolist() == whole.completion_ids[row, :n].tolist()
+            assert int(whole.completion_mask[row].sum()) == n
+
+
+def test_greedy_is_argmax(policy):
+    model, _ = policy
+    ids, mask, rollout = sample(policy, PROMPTS[:1], [0], temperature=0.0, max_new_tokens=3)
+    logits = model(input_ids=ids).logits[:, -1]
+    assert int(rollout.completion_ids[0, 0]) == int(logits.argmax(-1))
+
+
+def test_top_k_and_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    # mass before token 3 is 0.95 >= 0.9: dropped; before token 2 it is 0.8 < 0.9: kept
+    assert torch.isinf(filter_logits(logits, 0, 0.9)).tolist() == [[False, False, False, True]]
+
+
+def test_char_tokenizer_is_left_padded():
+    tokenizer = char_tokenizer(ALPHABET)
+    enc = tokenizer(["1+1=", "12+34="], padding=True)
+    assert enc["attention_mask"][0] == [0, 0, 1, 1, 1, 1]
