@@ -7,10 +7,13 @@ problem and exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from rlbench.errors import RLBenchError
 from rlbench.registry import RegistryError
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -43,7 +46,11 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wants_help = any(a in ("-h", "--help") for a in argv) and any(a in ("train", "warmstart") for a in argv)
-    args = build_parser(with_fields=wants_help).parse_args(argv)
+    # dotted.key=value overrides may stand anywhere, before or after flags
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = build_parser(with_fields=wants_help).parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
     try:
         return run_command(args)
     except (RLBenchError, RegistryError) as err:

@@ -58,6 +58,8 @@ class RLModule(pl.LightningModule):
         self.automatic_optimization = False
         #: ``(optimiser step, accuracy)`` of every evaluation of this process's run.
         self.eval_history: list[tuple[int, float]] = []
+        #: The latest step's metrics (what the loggers received), for callbacks.
+        self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -93,7 +95,8 @@ class RLModule(pl.LightningModule):
         batch, metrics = self.collect(step)
         metrics.update(self.update(batch))
         metrics["perf/step_s"] = time.perf_counter() - started
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.last_metrics = metrics
+        self.log_metrics(metrics, step=step * self.algorithm.passes_per_batch)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
         if self.global_step >= self.trainer.max_steps:
             self.evaluate()
@@ -152,6 +155,7 @@ class RLModule(pl.LightningModule):
             "train/completion_len": lengths.mean().item(),
             "train/distinct_completions": sum(distinct) / len(distinct),
             "perf/rollout_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
+            "perf/rollout_s": generate_s,
         }
         batch = RolloutBatch(
             prompt_ids=prompt_ids,
@@ -219,6 +223,16 @@ class RLModule(pl.LightningModule):
             with_entropy=with_entropy,
         )
 
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Hands one step's metrics straight to the loggers.
+
+        ``self.log`` costs ~1 ms per metric per step (tensor conversion, result collection),
+        as much as a tiny model's whole forward pass; the loggers need none of that.
+        """
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> float:
@@ -229,8 +243,7 @@ class RLModule(pl.LightningModule):
         step = self.global_step
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))
-        for logger in self.loggers:
-            logger.log_metrics({"eval/accuracy": accuracy}, step=step)
+        self.log_metrics({"eval/accuracy": accuracy}, step=step)
         self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
         pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
         return accuracy

@@ -19,6 +19,14 @@ def quiet_libraries() -> None:
     """Keeps library chatter (download bars, tips) out of a run's output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
+    import warnings
+
+    for message in (
+        r".*LeafSpec.*",  # Lightning 2.6 on torch 2.13: internal deprecation, not actionable
+        r"Using ModelCheckpoint with manual optimization.*",  # we save after the update on purpose
+        r"Found .* module\(s\) in eval mode.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
     import transformers
 
@@ -42,8 +50,13 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
     return last if resume else None
 
 
-def train(config: RunConfig, resume: bool = False, progress_bar: bool = True) -> dict[str, Any]:
-    """Warm start (cached) -> RL training -> final eval. Returns the run's summary."""
+def train(
+    config: RunConfig, resume: bool = False, progress_bar: bool = True, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
+    """Warm start (cached) -> RL training -> final eval. Returns the run's summary.
+
+    ``callbacks`` are extra Lightning callbacks (benchmark timers, sweep pruners).
+    """
     checkpoint = check_run_dir(config, resume)
     quiet_libraries()
     import lightning.pytorch as pl
@@ -87,7 +100,7 @@ def train(config: RunConfig, resume: bool = False, progress_bar: bool = True) ->
         devices=config.trainer.devices,
         precision=config.trainer.precision,
         logger=loggers,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *(callbacks or [])],
         log_every_n_steps=1,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,

@@ -35,6 +35,7 @@ def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
             run_name=config.logging.run_name or out.resolve().name,
             tracking_uri=mlflow_tracking_uri(config),
             run_id=run_id,
+            synchronous=False,  # metrics are written in the background, off the step's critical path
         )
         loggers.append(mlflow_logger)
     return loggers
