@@ -38,7 +38,9 @@ class StepTimer(pl.Callback):
         self.steps: list[float] = []
         self.rollouts: list[float] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int
+    ) -> None:
         self.started = time.perf_counter()
 
     def on_train_batch_end(
@@ -51,14 +53,28 @@ class StepTimer(pl.Callback):
 def measure(shape: str, precision: str, steps: int) -> dict[str, float]:
     preset, new_tokens = SHAPES[shape]
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(None, [
-            f"output_dir={tmp}/run", f"warmstart.cache_dir={tmp}/cache", "warmstart.enabled=false",
-            f"model.name_or_path={preset}", "task.name=arithmetic", "algorithm.name=grpo",
-            "algorithm.group_size=8", "algorithm.beta=0.04", "rollout.prompts_per_step=8",
-            f"rollout.max_new_tokens={new_tokens}", f"trainer.max_steps={steps + 1}",
-            f"trainer.precision={precision}", "trainer.checkpoint_every=100000",
-            "eval.every_n_steps=100000", "eval.num_prompts=8", "logging.mlflow=false", "optim.lr=1e-4",
-        ])
+        config = load_config(
+            None,
+            [
+                f"output_dir={tmp}/run",
+                f"warmstart.cache_dir={tmp}/cache",
+                "warmstart.enabled=false",
+                f"model.name_or_path={preset}",
+                "task.name=arithmetic",
+                "algorithm.name=grpo",
+                "algorithm.group_size=8",
+                "algorithm.beta=0.04",
+                "rollout.prompts_per_step=8",
+                f"rollout.max_new_tokens={new_tokens}",
+                f"trainer.max_steps={steps + 1}",
+                f"trainer.precision={precision}",
+                "trainer.checkpoint_every=100000",
+                "eval.every_n_steps=100000",
+                "eval.num_prompts=8",
+                "logging.mlflow=false",
+                "optim.lr=1e-4",
+            ],
+        )
         timer = StepTimer()
         train(config, progress_bar=False, callbacks=[timer])
     # the first two steps warm up allocators; the last one runs the final evaluation
@@ -70,19 +86,26 @@ def measure(shape: str, precision: str, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    print(f"rlbench GRPO step, B=64 (8 prompts x G=8), beta=0.04, {args.precision}, "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"rlbench GRPO step, B=64 (8 prompts x G=8), beta=0.04, {args.precision}, "
+        f"threads={torch.get_num_threads()}"
+    )
     for shape in shapes:
         steps = args.steps if shape != "medium" else max(5, args.steps // 2)
         result = measure(shape, args.precision, steps)
-        print(f"{shape:<8} median_step_s={result['median_step_s']:.4f} "
-              f"median_rollout_s={result['median_rollout_s']:.4f}", flush=True)
+        print(
+            f"{shape:<8} median_step_s={result['median_step_s']:.4f} "
+            f"median_rollout_s={result['median_rollout_s']:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ class Algorithm(abc.ABC):
         """Adds what the loss needs that is fixed for the step (advantages)."""
 
     @abc.abstractmethod
-    def loss(self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of the micro-batch ``batch`` given the current policy's ``logprobs [b, T]``.
 
         Returns ``(loss, metrics)``; the losses of a step's micro-batches add up to the step's

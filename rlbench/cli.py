@@ -24,16 +24,24 @@ def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None
 def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
     from rlbench.config import help_text
 
-    parser = argparse.ArgumentParser(prog="rlbench", description="RL fine-tuning benchmarks for language models.")
+    parser = argparse.ArgumentParser(
+        prog="rlbench", description="RL fine-tuning benchmarks for language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     fields = help_text() if with_fields else "Use `rlbench train --help` to list every config field."
     raw = argparse.RawDescriptionHelpFormatter
     train = sub.add_parser("train", help="run one RL training run", epilog=fields, formatter_class=raw)
     _config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    warm = sub.add_parser("warmstart", help="build (or reuse) the supervised warm-start checkpoint", epilog=fields,
-                          formatter_class=raw)
+    warm = sub.add_parser(
+        "warmstart",
+        help="build (or reuse) the supervised warm-start checkpoint",
+        epilog=fields,
+        formatter_class=raw,
+    )
     _config_args(warm)
     sub.add_parser("list", help="list registered algorithms and tasks")
     show = sub.add_parser("config", help="print the resolved config (--show) or every field (--fields)")
@@ -71,8 +79,10 @@ def run_command(args: argparse.Namespace) -> int:
                 print(f"  {name:<14} {summary(plugin)}")
         print("model presets:")
         for name, shape in PRESETS.items():
-            print(f"  {name:<14} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
-                  f"char tokenizer")
+            print(
+                f"  {name:<14} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+                f"char tokenizer"
+            )
         return 0
     if args.command == "config":
         if args.fields or not args.show:
@@ -87,7 +97,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         quiet_libraries()
         path, info = warm_start(config)
-        print(f"warm start: {path}\n  eval accuracy {info['accuracy']:.3f} after {info['steps']} supervised steps")
+        print(f"warm start: {path}")
+        print(f"  eval accuracy {info['accuracy']:.3f} after {info['steps']} supervised steps")
         return 0
     from rlbench.run import train
 

@@ -62,7 +62,9 @@ class WarmStartConfig:
     """Where warm-start checkpoints are cached, one directory per config hash."""
 
     def __post_init__(self) -> None:
-        require(0.0 < self.target_accuracy < 1.0, "target_accuracy", self.target_accuracy, "a number in (0, 1)")
+        require(
+            0.0 < self.target_accuracy < 1.0, "target_accuracy", self.target_accuracy, "a number in (0, 1)"
+        )
         require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -112,7 +114,9 @@ class OptimConfig:
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "betas", self.betas, "two numbers in [0, 1)",
+            "betas",
+            self.betas,
+            "two numbers in [0, 1)",
         )
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
@@ -137,7 +141,9 @@ class TrainerConfig:
         require(self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
         require(
             self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
-            "devices", self.devices, "an integer >= 1 or 'auto'",
+            "devices",
+            self.devices,
+            "an integer >= 1 or 'auto'",
         )
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
@@ -311,7 +317,8 @@ def _build_dataclass(
         if key not in known:
             choices = [*reserved, *known]
             raise ConfigError(
-                where, value,
+                where,
+                value,
                 f"unknown field{did_you_mean(str(key), choices)}; "
                 f"valid fields{' of ' + path if path else ''}: {', '.join(choices)}",
             )
@@ -391,6 +398,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, A
 
 def config_hash(*sections: Any) -> str:
     """Short stable hash of config sections (dataclasses or plain data), for cache keys."""
+
     def plain(x: Any) -> Any:
         if isinstance(x, PluginConfig):
             return x.to_dict()

@@ -39,7 +39,9 @@ class PromptSource:
     def batch(self, step: int, resample_round: int = 0) -> PromptBatch:
         """The prompts of ``step``; ``resample_round > 0`` gives fresh prompts for refills."""
         salt = _TRAIN_PROMPTS if resample_round == 0 else _RESAMPLE
-        prompts = self.task.prompts("train", self.prompts_per_step, derive_seed(self.seed, salt, step, resample_round))
+        prompts = self.task.prompts(
+            "train", self.prompts_per_step, derive_seed(self.seed, salt, step, resample_round)
+        )
         return PromptBatch(step, resample_round, prompts, list(range(len(prompts))))
 
     def eval_prompts(self, n: int) -> list[Prompt]:

@@ -36,7 +36,12 @@ class FrozenReference:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
         logprobs, _ = completion_logprobs(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
+            self.model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            temperature,
         )
         return logprobs
 
@@ -47,13 +52,19 @@ class RLModule(pl.LightningModule):
         self.config = config
         self.task = TASKS.get(config.task.name)(config.task.options)
         self.algorithm = ALGORITHMS.get(config.algorithm.name)(config.algorithm.options)
-        self.policy, self.tokenizer = load_policy(model_path, config.model.dtype, config.model.trust_remote_code)
+        self.policy, self.tokenizer = load_policy(
+            model_path, config.model.dtype, config.model.trust_remote_code
+        )
         self.policy.train()
         self.reference = FrozenReference(frozen_copy(self.policy)) if self.algorithm.needs_reference else None
-        self.backend = BACKENDS[config.rollout.backend](self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.backend = BACKENDS[config.rollout.backend](
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        )
         self.source = PromptSource(self.task, config.rollout.prompts_per_step, config.seed)
         rollout = config.rollout
-        self.sampling = SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
+        self.sampling = SamplingParams(
+            rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k
+        )
         self.eval_prompts = self.source.eval_prompts(config.eval.num_prompts)
         self.automatic_optimization = False
         #: ``(optimiser step, accuracy)`` of every evaluation of this process's run.
@@ -128,7 +139,9 @@ class RLModule(pl.LightningModule):
                 break
         # With no group left (e.g. every reward equal), train on the first sample as drawn:
         # its advantages are zero, so only regularisers (KL) move the policy.
-        batch = concat_batches(kept, self.tokenizer.pad_token_id).rows(slice(0, wanted * G)) if kept else first
+        batch = (
+            concat_batches(kept, self.tokenizer.pad_token_id).rows(slice(0, wanted * G)) if kept else first
+        )
         metrics["train/kept_groups"] = len(batch) / G
         return batch, metrics
 
@@ -151,7 +164,10 @@ class RLModule(pl.LightningModule):
             "train/reward_mean": rewards.mean().item(),
             "train/reward_std": rewards.std(unbiased=False).item(),
             "train/reward_group_std": grouped.std(-1, unbiased=False).mean().item(),
-            "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values).float().mean().item(),
+            "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values)
+            .float()
+            .mean()
+            .item(),
             "train/completion_len": lengths.mean().item(),
             "train/distinct_completions": sum(distinct) / len(distinct),
             "perf/rollout_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
@@ -173,10 +189,14 @@ class RLModule(pl.LightningModule):
         name = self.config.task.name
         if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
             got = len(rewards) if hasattr(rewards, "__len__") else type(rewards).__name__
-            raise RewardError(f"task {name!r}: rewards() returned {got} values for {len(completions)} completions")
+            raise RewardError(
+                f"task {name!r}: rewards() returned {got} values for {len(completions)} completions"
+            )
         bad = [r for r in rewards if isinstance(r, bool) or not isinstance(r, (int, float))]
         if bad:
-            raise RewardError(f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats")
+            raise RewardError(
+                f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats"
+            )
         return torch.tensor(rewards, dtype=torch.float32, device=self.device)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -196,7 +216,9 @@ class RLModule(pl.LightningModule):
         for pass_index in range(self.algorithm.passes_per_batch):
             logprobs, token_entropy = self.policy_logprobs(batch, with_entropy=pass_index == 0)
             if token_entropy is not None:
-                entropy = (token_entropy * batch.completion_mask).sum() / batch.completion_mask.sum().clamp(min=1)
+                entropy = (token_entropy * batch.completion_mask).sum() / batch.completion_mask.sum().clamp(
+                    min=1
+                )
             loss, metrics = self.algorithm.loss(logprobs, batch, scale)
             if not torch.isfinite(loss):
                 raise RLBenchError(f"non-finite loss {loss.item()} at optimiser step {self.global_step}")
@@ -212,7 +234,9 @@ class RLModule(pl.LightningModule):
         out["train/lr"] = scheduler.get_last_lr()[0]
         return out
 
-    def policy_logprobs(self, batch: RolloutBatch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def policy_logprobs(
+        self, batch: RolloutBatch, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         return completion_logprobs(
             self.policy,
             batch.prompt_ids,
@@ -238,7 +262,12 @@ class RLModule(pl.LightningModule):
     def evaluate(self) -> float:
         """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the optimiser step."""
         accuracy = greedy_accuracy(
-            self.policy, self.tokenizer, self.task, self.eval_prompts, self.backend, self.config.rollout.max_new_tokens
+            self.policy,
+            self.tokenizer,
+            self.task,
+            self.eval_prompts,
+            self.backend,
+            self.config.rollout.max_new_tokens,
         )
         step = self.global_step
         if not self.eval_history or self.eval_history[-1][0] != step:

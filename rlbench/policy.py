@@ -91,7 +91,9 @@ def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: P
     return name_or_path
 
 
-def load_policy(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_policy(
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a hub name or a local directory, tokenizer left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

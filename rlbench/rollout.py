@@ -47,7 +47,12 @@ class RolloutBackend(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, seeds: list[int], params: SamplingParams
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        seeds: list[int],
+        params: SamplingParams,
     ) -> Rollout:
         """Samples one completion per row of ``prompt_ids`` (left padded), row ``i`` from ``seeds[i]``."""
 
@@ -80,7 +85,12 @@ class DecodeLoop(RolloutBackend):
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, seeds: list[int], params: SamplingParams
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        seeds: list[int],
+        params: SamplingParams,
     ) -> Rollout:
         from transformers import DynamicCache
 
@@ -93,20 +103,27 @@ class DecodeLoop(RolloutBackend):
             ).to(device)
         padded = not bool(prompt_mask.all())
         mask = prompt_mask.clone()
+        # A group's G rows share one prompt: prefill each distinct prompt once, then copy its
+        # KV cache to the group's rows (G times less prefill work).
+        distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+        width = prompt_ids.shape[1]
         cache = DynamicCache()
         out = model(
-            input_ids=prompt_ids,
-            attention_mask=mask if padded else None,
-            position_ids=position_ids(mask) if padded else None,
+            input_ids=distinct[:, :width],
+            attention_mask=distinct[:, width:] if padded else None,
+            position_ids=position_ids(distinct[:, width:]) if padded else None,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        cache.reorder_cache(row_of)  # distinct rows come sorted: always map back to row order
+        logits = out.logits[row_of, -1].float()
         next_position = position_ids(mask)[:, -1:] + 1
         tokens, logprobs = [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for t in range(params.max_new_tokens):
-            logits = out.logits[:, -1].float()
+            if t > 0:
+                logits = out.logits[:, -1].float()
             if greedy:
                 token = logits.argmax(-1)
                 logp = torch.zeros(rows, device=device)
@@ -134,7 +151,9 @@ class DecodeLoop(RolloutBackend):
             )
             next_position = next_position + 1
         completion_ids = torch.stack(tokens, dim=1)
-        return Rollout(completion_ids, completion_mask(completion_ids, self.eos_token_id), torch.stack(logprobs, 1))
+        return Rollout(
+            completion_ids, completion_mask(completion_ids, self.eos_token_id), torch.stack(logprobs, 1)
+        )
 
 
 def completion_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:

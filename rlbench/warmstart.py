@@ -31,8 +31,12 @@ INFO_FILE = "warmstart.json"
 def warmstart_dir(config: RunConfig) -> Path:
     ws = config.warmstart
     key = config_hash(
-        config.model, config.task, {k: v for k, v in vars(ws).items() if k != "cache_dir"},
-        config.seed, config.eval.num_prompts, config.rollout.max_new_tokens,
+        config.model,
+        config.task,
+        {k: v for k, v in vars(ws).items() if k != "cache_dir"},
+        config.seed,
+        config.eval.num_prompts,
+        config.rollout.max_new_tokens,
     )
     return Path(ws.cache_dir) / f"{config.task.name}-{config.model.name_or_path.replace('/', '_')}-{key}"
 
@@ -50,7 +54,9 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
     if info_file.is_file():
         return str(directory), json.loads(info_file.read_text())
     task = TASKS.get(config.task.name)(config.task.options)
-    model, tokenizer = load_policy(base_model_path(config, task), config.model.dtype, config.model.trust_remote_code)
+    model, tokenizer = load_policy(
+        base_model_path(config, task), config.model.dtype, config.model.trust_remote_code
+    )
     module = WarmStartModule(model, tokenizer, task, config)
     trainer = pl.Trainer(
         max_steps=config.warmstart.max_steps,
@@ -64,7 +70,12 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
     )
     trainer.fit(module, train_dataloaders=StepTicks())
     step, accuracy = module.history[-1]
-    info = {"accuracy": accuracy, "steps": step, "history": module.history, "base_model": config.model.name_or_path}
+    info = {
+        "accuracy": accuracy,
+        "steps": step,
+        "history": module.history,
+        "base_model": config.model.name_or_path,
+    }
     tmp = directory.with_name(directory.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -88,9 +99,13 @@ class WarmStartModule(pl.LightningModule):
 
     def training_step(self, tick: Any, batch_idx: int) -> torch.Tensor:
         ws = self.config.warmstart
-        demos = self.task.demonstrations(ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step))
+        demos = self.task.demonstrations(
+            ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step)
+        )
         input_ids, mask, labels = encode_demonstrations(self.tokenizer, demos, self.device)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), labels=labels)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), labels=labels
+        )
         self.log("warmstart/loss", out.loss, prog_bar=True, on_step=True)
         return out.loss
 
@@ -99,7 +114,12 @@ class WarmStartModule(pl.LightningModule):
         if step % self.config.warmstart.eval_every and step < self.config.warmstart.max_steps:
             return
         accuracy = greedy_accuracy(
-            self.model, self.tokenizer, self.task, self.eval_prompts, self.backend, self.config.rollout.max_new_tokens
+            self.model,
+            self.tokenizer,
+            self.task,
+            self.eval_prompts,
+            self.backend,
+            self.config.rollout.max_new_tokens,
         )
         self.history.append((step, accuracy))
         self.log("acc", accuracy, prog_bar=True)
@@ -114,7 +134,9 @@ def encode_demonstrations(
     rows, targets = [], []
     for prompt, completion in demos:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         rows.append(prompt_ids + completion_ids)
         targets.append([-100] * len(prompt_ids) + completion_ids)
     width = max(len(r) for r in rows)

@@ -20,8 +20,15 @@ def error_of(*overrides: str, path: Path | None = None) -> str:
 def test_defaults_and_required_key_names():
     flat = load_config(None).flat()
     for key in (
-        "output_dir", "seed", "model.name_or_path", "task.name", "algorithm.name", "trainer.max_steps",
-        "trainer.devices", "trainer.precision", "logging.mlflow_tracking_uri",
+        "output_dir",
+        "seed",
+        "model.name_or_path",
+        "task.name",
+        "algorithm.name",
+        "trainer.max_steps",
+        "trainer.devices",
+        "trainer.precision",
+        "logging.mlflow_tracking_uri",
     ):
         assert key in flat, key
     assert flat["algorithm.name"] == "grpo" and flat["task.name"] == "arithmetic"
@@ -63,7 +70,10 @@ def test_eps_out_of_range():
 def test_wrong_types_name_the_field():
     assert error_of("trainer.max_steps=abc") == "trainer.max_steps='abc' is invalid: an integer"
     assert "one of '32-true'" in error_of("trainer.precision=fp8")
-    assert error_of("algorithm.scale_rewards=maybe") == "algorithm.scale_rewards='maybe' is invalid: true or false"
+    assert (
+        error_of("algorithm.scale_rewards=maybe")
+        == "algorithm.scale_rewards='maybe' is invalid: true or false"
+    )
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path: Path):

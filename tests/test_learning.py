@@ -16,10 +16,15 @@ CONFIG = Path(__file__).parents[1] / "configs" / "grpo_addition.yaml"
 
 @pytest.mark.slow
 def test_grpo_raises_addition_accuracy_from_the_warm_start(tmp_path: Path):
-    config = load_config(CONFIG, [
-        f"output_dir={tmp_path / 'grpo'}", f"warmstart.cache_dir={tmp_path / 'warmstart'}",
-        "trainer.max_steps=100", "logging.mlflow=false",
-    ])
+    config = load_config(
+        CONFIG,
+        [
+            f"output_dir={tmp_path / 'grpo'}",
+            f"warmstart.cache_dir={tmp_path / 'warmstart'}",
+            "trainer.max_steps=100",
+            "logging.mlflow=false",
+        ],
+    )
     path, info = warm_start(config, quiet=True)
     assert 0.15 <= info["accuracy"] <= 0.5, info  # non-zero but clearly imperfect
 

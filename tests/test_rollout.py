@@ -26,10 +26,23 @@ def sample(policy, texts: list[str], seeds: list[int], **params):
     model, tokenizer = policy
     ids, mask = encode_prompts(tokenizer, texts, torch.device("cpu"))
     backend = DecodeLoop(tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return ids, mask, backend.generate(model, ids, mask, seeds, SamplingParams(**{"max_new_tokens": 12, **params}))
+    return (
+        ids,
+        mask,
+        backend.generate(model, ids, mask, seeds, SamplingParams(**{"max_new_tokens": 12, **params})),
+    )
 
 
-PROMPTS = ["12+34=", "7+5=", "99+1=", "3*4=", "50-8=", "1+1=", "64+36=", "8-9="]  # mixed lengths: left padding
+PROMPTS = [
+    "12+34=",
+    "7+5=",
+    "99+1=",
+    "3*4=",
+    "50-8=",
+    "1+1=",
+    "64+36=",
+    "8-9=",
+]  # mixed lengths: left padding
 SEEDS = [derive_seed(0, 0, i) for i in range(len(PROMPTS))]
 
 
@@ -50,25 +63,42 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path):
         load_policy(str(tmp_path))  # exists, holds no model
 
 
-def test_rollout_logprobs_match_teacher_forcing(policy):
-    ids, mask, rollout = sample(policy, PROMPTS, SEEDS, temperature=0.7)
+GROUPED = [p for p in PROMPTS for _ in range(4)]  # G = 4 rows per prompt: one shared prefill
+
+
+@pytest.mark.parametrize("texts", [PROMPTS, GROUPED], ids=["distinct", "grouped"])
+def test_rollout_logprobs_match_teacher_forcing(policy, texts: list[str]):
+    seeds = [derive_seed(0, 0, i) for i in range(len(texts))]
+    ids, mask, rollout = sample(policy, texts, seeds, temperature=0.7)
     logprobs, entropy = completion_logprobs(
-        policy[0], ids, mask, rollout.completion_ids, rollout.completion_mask, temperature=0.7, with_entropy=True
+        policy[0],
+        ids,
+        mask,
+        rollout.completion_ids,
+        rollout.completion_mask,
+        temperature=0.7,
+        with_entropy=True,
     )
     m = rollout.completion_mask
     assert torch.allclose(logprobs * m, rollout.logprobs * m, atol=1e-5)
     assert entropy is not None and bool((entropy >= 0).all())
     assert float(entropy.max()) <= torch.log(torch.tensor(32.0)) + 1e-5  # at most log |V|
+    if texts is GROUPED:  # rows of a group share the prompt, not the draws
+        assert len({tuple(r) for r in rollout.completion_ids[:4].tolist()}) > 1
 
 
 def test_entropy_is_exact(policy):
     model, _ = policy
     ids, mask, rollout = sample(policy, PROMPTS[:2], SEEDS[:2])
-    _, entropy = completion_logprobs(model, ids, mask, rollout.completion_ids, rollout.completion_mask, 1.0, True)
+    _, entropy = completion_logprobs(
+        model, ids, mask, rollout.completion_ids, rollout.completion_mask, 1.0, True
+    )
     full = torch.cat([ids, rollout.completion_ids], 1)
     full_mask = torch.cat([mask, rollout.completion_mask.long()], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits[:, ids.shape[1] - 1 : -1]
+    logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits[
+        :, ids.shape[1] - 1 : -1
+    ]
     p = torch.softmax(logits.double(), -1)
     expected = -(p * p.log()).sum(-1)
     assert torch.allclose(entropy.double(), expected, atol=1e-4)

@@ -18,9 +18,19 @@ from rlbench.warmstart import base_model_path
 from tasks.arithmetic import Arithmetic
 
 STEP_METRICS = [
-    "train/reward_mean", "train/reward_std", "train/frac_zero_std_groups", "train/entropy", "train/kl",
-    "train/clip_frac", "train/ratio_min", "train/ratio_max", "train/grad_norm", "train/loss",
-    "train/completion_len", "perf/rollout_tokens_per_s", "perf/step_s",
+    "train/reward_mean",
+    "train/reward_std",
+    "train/frac_zero_std_groups",
+    "train/entropy",
+    "train/kl",
+    "train/clip_frac",
+    "train/ratio_min",
+    "train/ratio_max",
+    "train/grad_norm",
+    "train/loss",
+    "train/completion_len",
+    "perf/rollout_tokens_per_s",
+    "perf/step_s",
 ]
 
 
@@ -105,7 +115,9 @@ def test_dynamic_sampling_keeps_only_informative_groups(make_config):
     assert len(batch) == 8 and metrics["train/kept_groups"] == 4
     assert bool((groups[:, 0] != groups[:, 1]).all())  # every kept group carries a learning signal
     first, _ = module.sample(module.source.batch(0))
-    assert bool((first.rewards.view(-1, 2)[:, 0] == first.rewards.view(-1, 2)[:, 1]).any())  # some were dropped
+    assert bool(
+        (first.rewards.view(-1, 2)[:, 0] == first.rewards.view(-1, 2)[:, 1]).any()
+    )  # some were dropped
 
 
 def test_beta_zero_loads_no_reference(make_config):
@@ -118,7 +130,9 @@ def test_beta_zero_loads_no_reference(make_config):
 
 def test_same_seed_same_run(make_config, tmp_path: Path):
     first = train(make_config("logging.mlflow=false"), progress_bar=False)
-    second = train(make_config("logging.mlflow=false", f"output_dir={tmp_path / 'again'}"), progress_bar=False)
+    second = train(
+        make_config("logging.mlflow=false", f"output_dir={tmp_path / 'again'}"), progress_bar=False
+    )
     a = torch.load(Path(first["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(Path(second["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
