@@ -99,7 +99,7 @@ def main() -> None:
         f"threads={torch.get_num_threads()}"
     )
     for shape in shapes:
-        steps = args.steps if shape != "medium" else max(5, args.steps // 2)
+        steps = args.steps
         result = measure(shape, args.precision, steps)
         print(
             f"{shape:<8} median_step_s={result['median_step_s']:.4f} "

@@ -85,6 +85,8 @@ class RolloutConfig:
     """Sample among the k most likely tokens (0 disables)."""
     backend: Literal["decode_loop"] = "decode_loop"
     """Sampler: ``decode_loop`` is a batched KV-cache loop with per-completion seeded draws."""
+    micro_batch_size: int = 0
+    """Completions generated at once (bounds generation memory); 0 generates the whole step at once."""
 
     def __post_init__(self) -> None:
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "an integer >= 1")
@@ -92,6 +94,17 @@ class RolloutConfig:
         require(self.temperature > 0, "temperature", self.temperature, "a number > 0")
         require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
         require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables)")
+        require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 0
+    """Completions per forward/backward; gradients are accumulated over a step's micro-batches
+    (bounds training memory, same loss to float precision). 0 uses the whole batch at once."""
+
+    def __post_init__(self) -> None:
+        require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
 
 
 @dataclass
@@ -196,10 +209,26 @@ class RunConfig:
     algorithm: PluginConfig = field(default_factory=lambda: default_plugin(ALGORITHMS, "grpo"))
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        group_size = ALGORITHMS.get(self.algorithm.name)(self.algorithm.options).group_size
+        batch = self.rollout.prompts_per_step * group_size
+        for name, value in (
+            ("rollout.micro_batch_size", self.rollout.micro_batch_size),
+            ("train.micro_batch_size", self.train.micro_batch_size),
+        ):
+            require(
+                value <= batch,
+                name,
+                value,
+                f"at most the step's batch of {batch} completions "
+                f"(rollout.prompts_per_step x algorithm.group_size), or 0 for the whole batch",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from rlbench.errors import ConfigError
 from rlbench.rollout import derive_seed
 from rlbench.task import Prompt, Task
 
@@ -45,7 +46,10 @@ class PromptSource:
         return PromptBatch(step, resample_round, prompts, list(range(len(prompts))))
 
     def eval_prompts(self, n: int) -> list[Prompt]:
-        return self.task.prompts("eval", n, self.seed)
+        try:
+            return self.task.prompts("eval", n, self.seed)
+        except ValueError as err:  # e.g. more prompts than the task's eval split holds
+            raise ConfigError("eval.num_prompts", n, str(err)) from None
 
     def completion_seeds(self, batch: PromptBatch, group_size: int) -> list[int]:
         """One seed per completion, in row order: prompt ``i``'s sample ``j`` is row ``i * G + j``."""

@@ -24,7 +24,7 @@ from rlbench.errors import RewardError, RLBenchError
 from rlbench.evaluation import decode_completions, encode_prompts, greedy_accuracy
 from rlbench.policy import completion_logprobs, frozen_copy, load_policy
 from rlbench.registry import ALGORITHMS, TASKS
-from rlbench.rollout import BACKENDS, SamplingParams
+from rlbench.rollout import BACKENDS, SamplingParams, concat_rollouts
 
 
 class FrozenReference:
@@ -76,8 +76,10 @@ class RLModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optim = self.config.optim
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        # fused: one kernel for all parameters instead of a Python loop over them (CPU and CUDA)
         optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+            trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=True
         )
         total = self.config.trainer.max_steps
 
@@ -150,9 +152,16 @@ class RLModule(pl.LightningModule):
         G = self.algorithm.group_size
         texts = [p.text for p in prompts.prompts for _ in range(G)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, self.device)
+        seeds = self.source.completion_seeds(prompts, G)
         started = time.perf_counter()
-        rollout = self.backend.generate(
-            self.policy, prompt_ids, prompt_mask, self.source.completion_seeds(prompts, G), self.sampling
+        rollout = concat_rollouts(
+            [
+                self.backend.generate(
+                    self.policy, prompt_ids[rows], prompt_mask[rows], seeds[rows], self.sampling
+                )
+                for rows in micro_batches(len(texts), self.config.rollout.micro_batch_size)
+            ],
+            self.tokenizer.pad_token_id,
         )
         generate_s = time.perf_counter() - started
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
@@ -200,37 +209,48 @@ class RLModule(pl.LightningModule):
         return torch.tensor(rewards, dtype=torch.float32, device=self.device)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """``mu`` optimiser steps on the algorithm's loss over one batch of rollouts."""
+        """``mu`` optimiser steps on the algorithm's loss over one batch of rollouts.
+
+        Each step accumulates gradients over micro-batches of ``train.micro_batch_size`` rows;
+        the algorithm's loss uses step-wide denominators, so the summed micro-batch losses equal
+        the whole batch's loss whatever the micro-batch size.
+        """
         temperature = self.config.rollout.temperature
         batch = self.algorithm.prepare(batch)
+        chunks = micro_batches(len(batch), self.config.train.micro_batch_size)
         if self.reference is not None:
-            batch.ref_logprobs = self.reference.logprobs(batch, temperature)
+            batch.ref_logprobs = torch.cat(
+                [self.reference.logprobs(batch.rows(c), temperature) for c in chunks]
+            )
         if self.algorithm.passes_per_batch > 1:  # pi_old: the policy that sampled, before any update
             with torch.no_grad():
-                batch.old_logprobs = self.policy_logprobs(batch)[0]
+                batch.old_logprobs = torch.cat([self.policy_logprobs(batch.rows(c))[0] for c in chunks])
         scale = LossScale(len(batch), int(batch.completion_mask.sum()), self.config.rollout.max_new_tokens)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        history: list[dict[str, Tensor]] = []
-        entropy = torch.tensor(0.0)
+        history: list[dict[str, float]] = []
+        entropy_sum = 0.0
         for pass_index in range(self.algorithm.passes_per_batch):
-            logprobs, token_entropy = self.policy_logprobs(batch, with_entropy=pass_index == 0)
-            if token_entropy is not None:
-                entropy = (token_entropy * batch.completion_mask).sum() / batch.completion_mask.sum().clamp(
-                    min=1
-                )
-            loss, metrics = self.algorithm.loss(logprobs, batch, scale)
-            if not torch.isfinite(loss):
-                raise RLBenchError(f"non-finite loss {loss.item()} at optimiser step {self.global_step}")
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            parts: list[tuple[dict[str, Tensor], float]] = []
+            for rows in chunks:
+                part = batch.rows(rows)
+                logprobs, token_entropy = self.policy_logprobs(part, with_entropy=pass_index == 0)
+                if token_entropy is not None:
+                    entropy_sum += float((token_entropy * part.completion_mask).sum())
+                loss, metrics = self.algorithm.loss(logprobs, part, scale)
+                if not torch.isfinite(loss):
+                    raise RLBenchError(f"non-finite loss {loss.item()} at optimiser step {self.global_step}")
+                self.manual_backward(loss)
+                parts.append((metrics, float(part.completion_mask.sum())))
+            metrics = combine_micro_batches(parts)
             clip = self.config.optim.grad_clip or math.inf
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip))
             optimizer.step()
             scheduler.step()
             history.append(metrics)
         out = {f"train/{name}": value for name, value in reduce_metrics(history).items()}
-        out["train/entropy"] = float(entropy)
+        out["train/entropy"] = entropy_sum / max(scale.num_tokens, 1)
         out["train/lr"] = scheduler.get_last_lr()[0]
         return out
 
@@ -278,11 +298,38 @@ class RLModule(pl.LightningModule):
         return accuracy
 
 
-def reduce_metrics(history: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Combines per-pass metrics: ``_min``/``_max`` by min/max, ``loss`` by its mean, the rest by mean."""
+def micro_batches(rows: int, size: int) -> list[slice]:
+    """Row slices of at most ``size`` rows (``size`` 0: one slice of everything)."""
+    size = size or rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def combine_micro_batches(parts: list[tuple[dict[str, Tensor], float]]) -> dict[str, float]:
+    """One step's metrics from its micro-batches' ``(metrics, token count)``.
+
+    ``loss`` adds up (each part is its share of the step's loss); ``_min``/``_max`` reduce by
+    min/max; every other metric is a per-token mean, so it is weighted by token counts.
+    """
+    total = sum(tokens for _, tokens in parts) or 1.0
+    out: dict[str, float] = {}
+    for name in parts[0][0]:
+        values = [float(metrics[name]) for metrics, _ in parts]
+        if name == "loss":
+            out[name] = sum(values)
+        elif name.endswith("_min"):
+            out[name] = min(values)
+        elif name.endswith("_max"):
+            out[name] = max(values)
+        else:
+            out[name] = sum(v * tokens for v, (_, tokens) in zip(values, parts)) / total
+    return out
+
+
+def reduce_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Combines per-pass metrics: ``_min``/``_max`` by min/max, the rest by their mean over passes."""
     out: dict[str, float] = {}
     for name in history[0]:
-        values = [float(h[name]) for h in history]
+        values = [h[name] for h in history]
         if name.endswith("_min"):
             out[name] = min(values)
         elif name.endswith("_max"):

@@ -156,6 +156,22 @@ class DecodeLoop(RolloutBackend):
         )
 
 
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stacks rollouts of micro-batches, right-padding to the longest completion."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(t: Tensor, value: float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Rollout(
+        torch.cat([pad(p.completion_ids, pad_token_id) for p in parts]),
+        torch.cat([pad(p.completion_mask, 0.0) for p in parts]),
+        torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+    )
+
+
 def completion_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:
     """1.0 for every token up to and including the first EOS, 0.0 after it."""
     is_eos = (completion_ids == eos_token_id).long()

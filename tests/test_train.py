@@ -136,3 +136,8 @@ def test_same_seed_same_run(make_config, tmp_path: Path):
     a = torch.load(Path(first["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(Path(second["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_more_eval_prompts_than_the_split_holds(make_config):
+    with pytest.raises(RLBenchError, match=r"eval.num_prompts=500 is invalid: .*task.eval_size=200"):
+        module_for(make_config("eval.num_prompts=500"))

@@ -1,0 +1,52 @@
+"""Micro-batches bound memory without changing the maths: same loss, same update."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlbench.config import load_config
+from rlbench.errors import ConfigError
+from rlbench.run import train
+
+
+def final_state(config) -> tuple[dict[str, torch.Tensor], list[float]]:
+    train(config, progress_bar=False)
+    out = Path(config.output_dir)
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    return state, [float(r["train/loss"]) for r in rows if r["train/loss"]]
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_loss_and_update_do_not_depend_on_micro_batch_sizes(make_config, tmp_path: Path, aggregation: str):
+    common = (
+        "logging.mlflow=false",
+        "trainer.max_steps=2",
+        f"algorithm.loss_aggregation={aggregation}",
+        "rollout.max_new_tokens=6",
+    )
+    whole_state, whole_loss = final_state(make_config(*common, f"output_dir={tmp_path / 'whole'}"))
+    split_state, split_loss = final_state(
+        make_config(
+            *common,
+            f"output_dir={tmp_path / 'split'}",
+            "train.micro_batch_size=3",
+            "rollout.micro_batch_size=5",
+        )
+    )
+    assert split_loss == pytest.approx(whole_loss, abs=1e-6)
+    for name, value in whole_state.items():
+        assert torch.allclose(split_state[name], value, atol=1e-5), name
+
+
+def test_micro_batch_larger_than_the_batch_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch_size=100 is invalid: at most the step's batch of 64"
+    ):
+        load_config(None, ["train.micro_batch_size=100"])
+    with pytest.raises(ConfigError, match=r"rollout.micro_batch_size=-1 is invalid"):
+        load_config(None, ["rollout.micro_batch_size=-1"])
