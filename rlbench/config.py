@@ -33,6 +33,27 @@ from rlbench.registry import ALGORITHMS, TASKS, RegistryError, did_you_mean
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 trains every weight (full fine-tune). With LoRA the reference policy is the
+    same model with its adapters disabled, so no second copy of the weights is kept."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (updates are scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Names of the linear layers that get adapters (Llama/Qwen attention projections by default)."""
+
+    def __post_init__(self) -> None:
+        require(self.r >= 0, "r", self.r, "an integer >= 0 (0 disables LoRA)")
+        require(self.alpha > 0, "alpha", self.alpha, "a number > 0")
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        require(
+            len(self.target_modules) > 0, "target_modules", self.target_modules, "at least one module name"
+        )
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "tiny-llama"
     """Hugging Face hub name, local directory (``save_pretrained`` layout), or a tiny preset
@@ -41,6 +62,7 @@ class ModelConfig:
     """Dtype the weights are loaded in; ``auto`` keeps the checkpoint's own."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -103,8 +125,13 @@ class TrainConfig:
     """Completions per forward/backward; gradients are accumulated over a step's micro-batches
     (bounds training memory, same loss to float precision). 0 uses the whole batch at once."""
 
+    max_bad_steps: int = 3
+    """A step whose loss or gradient is not finite is skipped (``train/skipped_steps``); after this
+    many in a row the run stops with an error naming the cause, keeping the last good checkpoint."""
+
     def __post_init__(self) -> None:
         require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
+        require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
 
 
 @dataclass
@@ -143,6 +170,10 @@ class TrainerConfig:
     """Lightning ``devices``: a count or ``auto``."""
     accelerator: str = "cpu"
     """Lightning accelerator: ``cpu``, ``gpu``, ``auto``..."""
+    strategy: str = "auto"
+    """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ... (any Lightning strategy name)."""
+    num_nodes: int = 1
+    """Machines in a multi-node run (Lightning ``num_nodes``)."""
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     """Lightning precision; log-probs, KL and entropy are computed in fp32 regardless."""
     checkpoint_every: int = 50
@@ -158,6 +189,7 @@ class TrainerConfig:
             self.devices,
             "an integer >= 1 or 'auto'",
         )
+        require(self.num_nodes >= 1, "num_nodes", self.num_nodes, "an integer >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
 
@@ -216,6 +248,15 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.trainer.devices, int):
+            processes = self.trainer.devices * self.trainer.num_nodes
+            require(
+                self.rollout.prompts_per_step % processes == 0,
+                "rollout.prompts_per_step",
+                self.rollout.prompts_per_step,
+                f"a multiple of the {processes} processes (trainer.devices x trainer.num_nodes), "
+                f"so that every process gets the same number of whole groups",
+            )
         group_size = ALGORITHMS.get(self.algorithm.name)(self.algorithm.options).group_size
         batch = self.rollout.prompts_per_step * group_size
         for name, value in (

@@ -37,13 +37,16 @@ class PromptSource:
         self.prompts_per_step = prompts_per_step
         self.seed = seed
 
-    def batch(self, step: int, resample_round: int = 0) -> PromptBatch:
-        """The prompts of ``step``; ``resample_round > 0`` gives fresh prompts for refills."""
+    def batch(self, step: int, resample_round: int = 0, rank: int = 0, world_size: int = 1) -> PromptBatch:
+        """This process's share of the prompts of ``step``: a contiguous slice, so every group
+        stays on one process. ``resample_round > 0`` gives fresh prompts for refills."""
         salt = _TRAIN_PROMPTS if resample_round == 0 else _RESAMPLE
         prompts = self.task.prompts(
             "train", self.prompts_per_step, derive_seed(self.seed, salt, step, resample_round)
         )
-        return PromptBatch(step, resample_round, prompts, list(range(len(prompts))))
+        share = len(prompts) // world_size
+        positions = list(range(rank * share, (rank + 1) * share))
+        return PromptBatch(step, resample_round, [prompts[i] for i in positions], positions)
 
     def eval_prompts(self, n: int) -> list[Prompt]:
         try:

@@ -21,7 +21,6 @@ def decode_completions(tokenizer: object, completion_ids: Tensor, completion_mas
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)  # type: ignore[attr-defined]
 
 
-@torch.no_grad()
 def greedy_accuracy(
     model: nn.Module,
     tokenizer: object,
@@ -29,9 +28,22 @@ def greedy_accuracy(
     prompts: list[Prompt],
     backend: RolloutBackend,
     max_new_tokens: int,
-    chunk: int = 256,
 ) -> float:
     """Fraction of ``prompts`` whose greedy completion the task's verifier accepts."""
+    return greedy_correct(model, tokenizer, task, prompts, backend, max_new_tokens) / len(prompts)
+
+
+@torch.no_grad()
+def greedy_correct(
+    model: nn.Module,
+    tokenizer: object,
+    task: Task,
+    prompts: list[Prompt],
+    backend: RolloutBackend,
+    max_new_tokens: int,
+    chunk: int = 256,
+) -> int:
+    """How many of ``prompts`` the greedy completion solves (a count, so shards can be summed)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -43,4 +55,4 @@ def greedy_accuracy(
         texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
         correct += sum(task.is_correct(p, t) for p, t in zip(part, texts))
     model.train(was_training)
-    return correct / len(prompts)
+    return correct

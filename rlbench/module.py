@@ -21,7 +21,8 @@ from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.config import RunConfig
 from rlbench.data import PromptBatch, PromptSource
 from rlbench.errors import RewardError, RLBenchError
-from rlbench.evaluation import decode_completions, encode_prompts, greedy_accuracy
+from rlbench.evaluation import decode_completions, encode_prompts, greedy_correct
+from rlbench.lora import AdapterReference, apply_lora
 from rlbench.policy import completion_logprobs, frozen_copy, load_policy
 from rlbench.registry import ALGORITHMS, TASKS
 from rlbench.rollout import BACKENDS, SamplingParams, concat_rollouts
@@ -56,7 +57,14 @@ class RLModule(pl.LightningModule):
             model_path, config.model.dtype, config.model.trust_remote_code
         )
         self.policy.train()
-        self.reference = FrozenReference(frozen_copy(self.policy)) if self.algorithm.needs_reference else None
+        self.reference: FrozenReference | AdapterReference | None = None
+        if config.model.lora.r > 0:
+            # the reference is the base model: the same weights with the adapters switched off
+            self.policy = apply_lora(self.policy, config.model.lora)
+            if self.algorithm.needs_reference:
+                self.reference = AdapterReference(self.policy)
+        elif self.algorithm.needs_reference:
+            self.reference = FrozenReference(frozen_copy(self.policy))
         self.backend = BACKENDS[config.rollout.backend](
             self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         )
@@ -71,6 +79,11 @@ class RLModule(pl.LightningModule):
         self.eval_history: list[tuple[int, float]] = []
         #: The latest step's metrics (what the loggers received), for callbacks.
         self.last_metrics: dict[str, float] = {}
+        #: Rollout steps taken (it also counts skipped updates, so their prompts are not redrawn).
+        self.rollout_step = 0
+        #: Updates skipped for a non-finite loss or gradient: in all, and in a row now.
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -101,37 +114,49 @@ class RLModule(pl.LightningModule):
             self.reference.model.to(self.device)
 
     def training_step(self, tick: Any, batch_idx: int) -> None:
-        step = self.global_step // self.algorithm.passes_per_batch
+        step = self.rollout_step
         if step % self.config.eval.every_n_steps == 0:
             self.evaluate()
         started = time.perf_counter()
         batch, metrics = self.collect(step)
         metrics.update(self.update(batch))
         metrics["perf/step_s"] = time.perf_counter() - started
+        metrics = self.reduce_across_processes(metrics)
         self.last_metrics = metrics
-        self.log_metrics(metrics, step=step * self.algorithm.passes_per_batch)
+        self.log_metrics(metrics, step=step)
+        self.rollout_step += 1
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
         if self.global_step >= self.trainer.max_steps:
             self.evaluate()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlbench_config"] = self.config.to_dict()
-        checkpoint["rlbench_eval_history"] = [list(item) for item in self.eval_history]
+        checkpoint["rlbench_state"] = {
+            "rollout_step": self.rollout_step,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
+            "eval_history": [list(item) for item in self.eval_history],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.eval_history = [(int(s), float(a)) for s, a in checkpoint.get("rlbench_eval_history", [])]
+        state = checkpoint["rlbench_state"]
+        self.rollout_step = int(state["rollout_step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.eval_history = [(int(s), float(a)) for s, a in state["eval_history"]]
 
     # ------------------------------------------------------------------ the RL step
 
     def collect(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """Samples and scores the step's groups; with resampling, replaces rejected groups."""
         G = self.algorithm.group_size
-        wanted = self.config.rollout.prompts_per_step
-        first, metrics = self.sample(self.source.batch(step))
+        rank, world = self.global_rank, self.world_size
+        wanted = self.config.rollout.prompts_per_step // world
+        first, metrics = self.sample(self.source.batch(step, 0, rank, world))
         kept: list[RolloutBatch] = []
         count = 0
         for round_ in range(self.algorithm.max_resample_rounds + 1):
-            part = first if round_ == 0 else self.sample(self.source.batch(step, round_))[0]
+            part = first if round_ == 0 else self.sample(self.source.batch(step, round_, rank, world))[0]
             keep = self.algorithm.keep_groups(part.rewards.view(-1, G).cpu())
             if bool(keep.any()):
                 rows = keep.repeat_interleave(G).nonzero().squeeze(-1).to(part.rewards.device)
@@ -225,11 +250,19 @@ class RLModule(pl.LightningModule):
         if self.algorithm.passes_per_batch > 1:  # pi_old: the policy that sampled, before any update
             with torch.no_grad():
                 batch.old_logprobs = torch.cat([self.policy_logprobs(batch.rows(c))[0] for c in chunks])
-        scale = LossScale(len(batch), int(batch.completion_mask.sum()), self.config.rollout.max_new_tokens)
+        # Denominators count the whole step on every process, so the processes' losses add up
+        # to the step's loss; DDP averages gradients, hence the factor world_size below.
+        scale = LossScale(
+            int(self.global_sum(len(batch))),
+            int(self.global_sum(float(batch.completion_mask.sum()))),
+            self.config.rollout.max_new_tokens,
+        )
+        world = self.world_size
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         history: list[dict[str, float]] = []
         entropy_sum = 0.0
+        cause: str | None = None  # what went non-finite, if anything
         for pass_index in range(self.algorithm.passes_per_batch):
             optimizer.zero_grad(set_to_none=True)
             parts: list[tuple[dict[str, Tensor], float]] = []
@@ -239,20 +272,46 @@ class RLModule(pl.LightningModule):
                 if token_entropy is not None:
                     entropy_sum += float((token_entropy * part.completion_mask).sum())
                 loss, metrics = self.algorithm.loss(logprobs, part, scale)
-                if not torch.isfinite(loss):
-                    raise RLBenchError(f"non-finite loss {loss.item()} at optimiser step {self.global_step}")
-                self.manual_backward(loss)
+                if cause is None and not bool(torch.isfinite(loss)):
+                    cause = non_finite_cause(part, logprobs, loss)
+                # backward even then: every process must join DDP's gradient all-reduce
+                self.manual_backward(loss * world)
                 parts.append((metrics, float(part.completion_mask.sum())))
             metrics = combine_micro_batches(parts)
             clip = self.config.optim.grad_clip or math.inf
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip))
+            if not math.isfinite(metrics["grad_norm"]):
+                # gradients are all-reduced, so every process takes the same decision here
+                cause = cause or non_finite_gradient(self.policy)
+                optimizer.zero_grad(set_to_none=True)
+                history.append(metrics)
+                break
             optimizer.step()
             scheduler.step()
             history.append(metrics)
+        self.guard(cause)
         out = {f"train/{name}": value for name, value in reduce_metrics(history).items()}
-        out["train/entropy"] = entropy_sum / max(scale.num_tokens, 1)
+        out["train/skipped_steps"] = float(self.skipped_steps)
+        out["train/entropy"] = self.global_sum(entropy_sum) / max(scale.num_tokens, 1)
         out["train/lr"] = scheduler.get_last_lr()[0]
         return out
+
+    def guard(self, cause: str | None) -> None:
+        """Counts skipped updates; stops the run after ``train.max_bad_steps`` in a row."""
+        if cause is None:
+            self.bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        where = f"rollout step {self.rollout_step} (optimiser step {self.global_step})"
+        pl.utilities.rank_zero_warn(f"skipped the update of {where}: non-finite {cause}")
+        if self.bad_in_a_row >= self.config.train.max_bad_steps:
+            raise NonFiniteError(
+                f"stopped at {where}: {self.bad_in_a_row} consecutive updates had a non-finite "
+                f"{cause}; the last good checkpoint is kept in "
+                f"{self.config.output_dir}/checkpoints (train.max_bad_steps="
+                f"{self.config.train.max_bad_steps})"
+            )
 
     def policy_logprobs(
         self, batch: RolloutBatch, with_entropy: bool = False
@@ -267,6 +326,43 @@ class RLModule(pl.LightningModule):
             with_entropy=with_entropy,
         )
 
+    @property
+    def world_size(self) -> int:
+        """Processes sharing each step (1 when not attached to a Trainer, e.g. in tests)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def global_sum(self, value: float) -> float:
+        """``value`` summed over all processes (itself in a single-process run)."""
+        if self.world_size == 1:
+            return value
+        return float(
+            self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum")
+        )
+
+    def reduce_across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Global figures from per-process metrics: one all-gather for the whole dict.
+
+        The loss and throughput add up over processes, ``_min``/``_max`` and timings take the
+        extreme, every other metric (means over equal shares of the batch) is averaged.
+        """
+        if self.world_size == 1:
+            return metrics
+        names = sorted(metrics)
+        gathered = self.all_gather(torch.tensor([metrics[n] for n in names], device=self.device))
+        gathered = gathered.reshape(-1, len(names)).double()
+        out = {}
+        for i, name in enumerate(names):
+            column = gathered[:, i]
+            if name in ("train/loss", "perf/rollout_tokens_per_s", "train/kept_groups"):
+                out[name] = float(column.sum())
+            elif name.endswith("_min"):
+                out[name] = float(column.min())
+            elif name.endswith(("_max", "_s")):
+                out[name] = float(column.max())
+            else:
+                out[name] = float(column.mean())
+        return out
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Hands one step's metrics straight to the loggers.
 
@@ -280,22 +376,52 @@ class RLModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> float:
-        """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the optimiser step."""
-        accuracy = greedy_accuracy(
+        """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the rollout step.
+
+        Every metric is logged at the rollout step (steps taken so far), so training and eval
+        curves share one axis whatever ``mu`` is and however many updates were skipped.
+        """
+        # each process scores its share of the eval prompts; the counts add up
+        rank, world = self.global_rank, self.world_size
+        correct = greedy_correct(
             self.policy,
             self.tokenizer,
             self.task,
-            self.eval_prompts,
+            self.eval_prompts[rank::world],
             self.backend,
             self.config.rollout.max_new_tokens,
         )
-        step = self.global_step
+        accuracy = self.global_sum(correct) / len(self.eval_prompts)
+        step = self.rollout_step
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))
         self.log_metrics({"eval/accuracy": accuracy}, step=step)
         self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
         pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
         return accuracy
+
+
+class NonFiniteError(RLBenchError):
+    """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+def non_finite_cause(batch: RolloutBatch, logprobs: Tensor, loss: Tensor) -> str:
+    """Names the first non-finite input of a non-finite loss, in the order the step computes them."""
+    for name in ("rewards", "advantages", "behaviour_logprobs", "old_logprobs", "ref_logprobs"):
+        value = getattr(batch, name)
+        if value is not None and not bool(torch.isfinite(value).all()):
+            rows = (~torch.isfinite(value)).reshape(len(value), -1).any(-1).nonzero().flatten().tolist()
+            return f"{name} (rows {rows[:8]} of the micro-batch)"
+    if not bool(torch.isfinite(logprobs).all()):
+        return "policy log-probs"
+    return f"loss ({float(loss)})"
+
+
+def non_finite_gradient(model: nn.Module) -> str:
+    for name, param in model.named_parameters():
+        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+            return f"gradient of {name}"
+    return "gradient norm"
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:

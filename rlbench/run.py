@@ -36,10 +36,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def is_launcher_process() -> bool:
+    """Whether this is rank 0 (or a single-process run).
+
+    Multi-process strategies (``ddp``) re-run the whole command once per extra process with
+    these variables set; only rank 0 checks and prepares the run directory.
+    """
+    return all(int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite or to resume nothing."""
     out = Path(config.output_dir)
     last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not is_launcher_process():  # rank 0 has checked, and has already started writing
+        return last if resume else None
     if resume and not last.is_file():
         raise RLBenchError(f"--resume: no checkpoint at {str(last)!r}; start the run without --resume")
     if not resume and out.is_dir() and any(out.iterdir()):
@@ -73,18 +84,21 @@ def train(
         torch.set_num_threads(config.trainer.num_threads)
     started = time.perf_counter()
     if config.warmstart.enabled:
+        # rank 0 builds (or finds) it before the other processes start, so they find it cached
         model_path, info = warm_start(config, quiet=not progress_bar)
         print(f"warm start: {model_path} (eval accuracy {info['accuracy']:.3f} after {info['steps']} steps)")
     else:
         model_path = base_model_path(config, TASKS.get(config.task.name)(config.task.options))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(config))
+    if is_launcher_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(config))
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
     loggers = build_loggers(config, resume)
-    start_loggers(loggers, config, resume)
-    if config.logging.mlflow:
+    if is_launcher_process():
+        start_loggers(loggers, config, resume)
+    if config.logging.mlflow and is_launcher_process():
         print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
     checkpoints = ModelCheckpoint(
         dirpath=out / CHECKPOINT_DIR,
@@ -98,6 +112,8 @@ def train(
         max_steps=config.trainer.max_steps,
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes,
+        strategy=config.trainer.strategy,
         precision=config.trainer.precision,
         logger=loggers,
         callbacks=[checkpoints, *(callbacks or [])],
@@ -121,7 +137,8 @@ def train(
         "mlflow_tracking_uri": mlflow_tracking_uri(config) if config.logging.mlflow else None,
     }
     if trainer.is_global_zero:
-        module.policy.save_pretrained(out / "final_model")
-        module.tokenizer.save_pretrained(out / "final_model")
+        from rlbench.lora import export_model  # merges LoRA adapters: a plain HF checkpoint
+
+        export_model(module.policy, module.tokenizer, out / "final_model")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

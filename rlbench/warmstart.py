@@ -43,7 +43,7 @@ def warmstart_dir(config: RunConfig) -> Path:
 
 def base_model_path(config: RunConfig, task: Task) -> str:
     return resolve_model_path(
-        config.model.name_or_path, task.alphabet, config.seed, Path(config.warmstart.cache_dir) / "presets"
+        config.model.name_or_path, task.alphabet, config.seed, Path(config.warmstart.cache_dir)
     )
 
 

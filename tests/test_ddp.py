@@ -1,0 +1,66 @@
+"""Lightning DDP on the CPU (gloo): 2 processes give the same result as 1 with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RLBENCH = str(Path(sys.executable).parent / "rlbench")
+CONFIG = Path(__file__).parents[1] / "configs" / "grpo_addition.yaml"
+
+
+def run_cli(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, torch.Tensor], dict]:
+    out = tmp_path / name
+    cmd = [
+        RLBENCH,
+        "train",
+        "--config",
+        str(CONFIG),
+        "--no-progress",
+        f"output_dir={out}",
+        f"warmstart.cache_dir={tmp_path / 'cache'}",
+        "warmstart.target_accuracy=0.1",
+        "rollout.prompts_per_step=4",
+        "algorithm.group_size=4",
+        "rollout.max_new_tokens=4",
+        "trainer.max_steps=3",
+        "eval.num_prompts=16",
+        "eval.every_n_steps=2",
+        "logging.mlflow=false",
+        "optim.lr=1e-3",
+        *overrides,
+    ]
+    # DDP re-runs the command per process: as a subprocess of the CLI, not of pytest
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return state, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path: Path):
+    one, one_summary = run_cli(tmp_path, "one")
+    two, two_summary = run_cli(tmp_path, "two", "trainer.devices=2", "trainer.strategy=ddp")
+    assert two_summary["steps"] == one_summary["steps"] == 3
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, atol=1e-5), name
+    from transformers import AutoModelForCausalLM
+
+    # both start from one warm start (rank 0 builds it before the second process starts)
+    initial = AutoModelForCausalLM.from_pretrained(one_summary["model_path"]).state_dict()
+    assert two_summary["model_path"] == one_summary["model_path"]
+    assert any(not torch.allclose(one[f"policy.{k}"], v) for k, v in initial.items())  # it trained
+    # eval runs once per evaluation, on shards that add up to the whole eval set
+    assert [s for s, _ in two_summary["eval_history"]] == [s for s, _ in one_summary["eval_history"]]
+    assert [a for _, a in two_summary["eval_history"]] == pytest.approx(
+        [a for _, a in one_summary["eval_history"]]
+    )
+    # only rank 0 writes: one CSV log, one summary
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
