@@ -36,6 +36,12 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameter counts and an estimate of memory per device, then exit (the model "
+        "is built on the meta device from its config: no weights loaded, nothing written)",
+    )
     warm = sub.add_parser(
         "warmstart",
         help="build (or reuse) the supervised warm-start checkpoint",
@@ -99,6 +105,13 @@ def run_command(args: argparse.Namespace) -> int:
         path, info = warm_start(config)
         print(f"warm start: {path}")
         print(f"  eval accuracy {info['accuracy']:.3f} after {info['steps']} supervised steps")
+        return 0
+    if args.dry_run:
+        from rlbench.dryrun import dry_run, format_report
+        from rlbench.run import quiet_libraries
+
+        quiet_libraries()
+        print(format_report(dry_run(config)))
         return 0
     from rlbench.run import train
 

@@ -79,6 +79,9 @@ class RLModule(pl.LightningModule):
         self.eval_history: list[tuple[int, float]] = []
         #: The latest step's metrics (what the loggers received), for callbacks.
         self.last_metrics: dict[str, float] = {}
+        #: Per logger, the last step already logged per metric when a killed run resumes:
+        #: those steps are recomputed identically and not written twice.
+        self.logged_steps: list[dict[str, int]] = []
         #: Rollout steps taken (it also counts skipped updates, so their prompts are not redrawn).
         self.rollout_step = 0
         #: Updates skipped for a non-finite loss or gradient: in all, and in a row now.
@@ -370,8 +373,10 @@ class RLModule(pl.LightningModule):
         as much as a tiny model's whole forward pass; the loggers need none of that.
         """
         if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=step)
+            for logger, logged in zip(self.loggers, self.logged_steps or [{}] * len(self.loggers)):
+                fresh = {name: value for name, value in metrics.items() if step > logged.get(name, -1)}
+                if fresh:
+                    logger.log_metrics(fresh, step=step)
 
     # ------------------------------------------------------------------ evaluation
 

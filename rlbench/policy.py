@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from rlbench.errors import RLBenchError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 #: Tiny Llama shapes; ``medium-llama`` is the medium benchmark shape of ``../shared/peers``.
 PRESETS: dict[str, dict[str, int]] = {
@@ -44,14 +47,18 @@ def char_tokenizer(alphabet: str) -> Any:
     return tokenizer
 
 
-def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
-    """Creates preset ``name`` (random weights from ``seed``) and saves model + tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def preset_config(name: str, alphabet: str) -> LlamaConfig:
+    """The ``LlamaConfig`` of preset ``name`` for a char tokenizer over ``alphabet``.
+
+    The one place a preset's architecture is defined: ``build_preset`` builds its weights from
+    it and ``rlbench train --dry-run`` sizes it without building anything.
+    """
+    from transformers import LlamaConfig
 
     tokenizer = char_tokenizer(alphabet)
     vocab_size = -(-len(tokenizer) // 32) * 32  # round up: matmul-friendly and as in the peers
     shape = PRESETS[name]
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         num_key_value_heads=shape["num_attention_heads"],
         max_position_embeddings=256,
@@ -61,6 +68,14 @@ def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
         tie_word_embeddings=False,
         **shape,
     )
+
+
+def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
+    """Creates preset ``name`` (random weights from ``seed``) and saves model + tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = char_tokenizer(alphabet)
+    config = preset_config(name, alphabet)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

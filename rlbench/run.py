@@ -77,7 +77,14 @@ def train(
     from rlbench.data import StepTicks
     from rlbench.module import RLModule
     from rlbench.registry import TASKS
-    from rlbench.tracking import build_loggers, mlflow_tracking_uri, start_loggers, ui_command
+    from rlbench.tracking import (
+        atomic_checkpoint_io,
+        build_loggers,
+        logged_steps,
+        mlflow_tracking_uri,
+        start_loggers,
+        ui_command,
+    )
     from rlbench.warmstart import base_model_path, warm_start
 
     if config.trainer.num_threads:
@@ -98,6 +105,8 @@ def train(
     loggers = build_loggers(config, resume)
     if is_launcher_process():
         start_loggers(loggers, config, resume)
+        if resume:
+            module.logged_steps = logged_steps(loggers)
     if config.logging.mlflow and is_launcher_process():
         print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
     checkpoints = ModelCheckpoint(
@@ -117,6 +126,7 @@ def train(
         precision=config.trainer.precision,
         logger=loggers,
         callbacks=[checkpoints, *(callbacks or [])],
+        plugins=[atomic_checkpoint_io()],
         log_every_n_steps=1,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,

@@ -7,6 +7,7 @@ A resumed run continues its MLflow run (the run id is kept in the run directory)
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ def mlflow_tracking_uri(config: RunConfig) -> str:
 
 
 def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+    from lightning.pytorch.loggers import MLFlowLogger
 
     out = Path(config.output_dir)
-    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="", version="csv")]
+    # flushed every step, so a killed run loses no row that a resume would not write again
+    loggers: list[Any] = [resumable_csv_logger(out, flush_every=1)]
     if config.logging.mlflow:
         run_id_file = out / MLFLOW_RUN_ID_FILE
         run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
@@ -54,3 +56,73 @@ def start_loggers(loggers: list[Any], config: RunConfig, resume: bool) -> None:
 
 def ui_command(config: RunConfig) -> str:
     return f"mlflow ui --backend-store-uri {mlflow_tracking_uri(config)}"
+
+
+def resumable_csv_logger(out: Path, flush_every: int) -> Any:
+    """Lightning's CSV logger, except that it appends to an existing ``metrics.csv``.
+
+    Lightning's writer deletes the file it finds, which would throw away a resumed run's
+    history; this one keeps it and carries on with its columns.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                    self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class ResumableCSVLogger(CSVLogger):
+        @property
+        def experiment(self) -> Any:
+            if self._experiment is None and rank_zero_only.rank == 0:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return super().experiment
+
+    return ResumableCSVLogger(save_dir=str(out), name="", version="csv", flush_logs_every_n_steps=flush_every)
+
+
+def logged_steps(loggers: list[Any]) -> list[dict[str, int]]:
+    """For each logger, the last step already recorded per metric (a resumed run's watermark).
+
+    A run killed after its last checkpoint has logged steps that the resumed run computes
+    again, identically; the module skips those instead of writing them twice.
+    """
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    marks: list[dict[str, int]] = []
+    for logger in loggers:
+        mark: dict[str, int] = {}
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / "metrics.csv"
+            if path.is_file():
+                with path.open(newline="") as file:
+                    for row in csv.DictReader(file):
+                        for key, value in row.items():
+                            if key != "step" and value not in ("", None):
+                                mark[key] = max(mark.get(key, -1), int(float(row["step"])))
+        elif isinstance(logger, MLFlowLogger) and logger.run_id:
+            client = logger.experiment
+            for key in client.get_run(logger.run_id).data.metrics:
+                mark[key] = max(m.step for m in client.get_metric_history(logger.run_id, key))
+        marks.append(mark)
+    return marks
+
+
+def atomic_checkpoint_io() -> Any:
+    """Checkpoint writes that a kill cannot tear: write a temporary file, then rename it."""
+    import os
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            tmp = f"{path}.tmp"
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+    return AtomicCheckpointIO()

@@ -1,0 +1,110 @@
+"""Exact resume: a run SIGKILLed after its first checkpoint and resumed ends where an
+uninterrupted run ends -- same parameters, same logged metrics, no step logged twice."""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RLBENCH = str(Path(sys.executable).parent / "rlbench")
+CONFIG = Path(__file__).parents[1] / "configs" / "grpo_addition.yaml"
+
+
+def command(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [
+        RLBENCH,
+        "train",
+        "--config",
+        str(CONFIG),
+        "--no-progress",
+        *extra,
+        f"output_dir={tmp_path / name}",
+        f"warmstart.cache_dir={tmp_path / 'cache'}",
+        "warmstart.target_accuracy=0.1",
+        "rollout.prompts_per_step=4",
+        "algorithm.group_size=4",
+        "trainer.max_steps=24",
+        "trainer.checkpoint_every=3",
+        "eval.every_n_steps=5",
+        "eval.num_prompts=16",
+        "optim.lr=1e-3",
+    ]
+
+
+def finish(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def csv_rows(run: Path) -> dict[int, dict[str, str]]:
+    rows: dict[int, dict[str, str]] = {}
+    with (run / "csv" / "metrics.csv").open(newline="") as file:
+        for row in csv.DictReader(file):
+            step = int(row["step"])
+            for key, value in row.items():
+                if value and key != "step" and not key.startswith("perf/"):  # timings differ
+                    assert key not in rows.get(step, {}), f"{key} logged twice at step {step}"
+                    rows.setdefault(step, {})[key] = value
+    return rows
+
+
+def mlflow_history(run: Path, uri: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = (run / "mlflow_run_id").read_text()
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("perf/")]
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
+    finish(command(tmp_path, "whole"))
+
+    killed = subprocess.Popen(
+        command(tmp_path, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 1.0))  # somewhere after the first checkpoint
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted_at = torch.load(last, weights_only=True)["global_step"]
+    assert 3 <= interrupted_at < 24
+
+    finish(command(tmp_path, "killed", "--resume"))
+
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 24
+    for name, value in whole["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][name], value, atol=1e-6), name
+
+    whole_rows, resumed_rows = csv_rows(tmp_path / "whole"), csv_rows(tmp_path / "killed")
+    assert sorted(resumed_rows) == sorted(whole_rows)
+    for step, row in whole_rows.items():
+        assert resumed_rows[step].keys() == row.keys(), step
+        for key, value in row.items():
+            assert float(resumed_rows[step][key]) == pytest.approx(float(value), abs=1e-6), (step, key)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole_history, resumed_history = (
+        mlflow_history(tmp_path / "whole", uri),
+        mlflow_history(tmp_path / "killed", uri),
+    )
+    assert resumed_history.keys() == whole_history.keys()
+    for key, points in whole_history.items():
+        steps = [s for s, _ in resumed_history[key]]
+        assert steps == sorted(set(steps)), f"{key}: a step logged twice"
+        assert steps == [s for s, _ in points], key
+        assert [v for _, v in resumed_history[key]] == pytest.approx([v for _, v in points], abs=1e-6), key
