@@ -166,7 +166,7 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 200
     """Optimiser steps (with ``mu`` passes per batch, ``mu`` steps per rollout batch)."""
-    devices: int | str = 1
+    devices: int | Literal["auto"] = 1
     """Lightning ``devices``: a count or ``auto``."""
     accelerator: str = "cpu"
     """Lightning accelerator: ``cpu``, ``gpu``, ``auto``..."""
@@ -248,6 +248,12 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        require(
+            not (self.trainer.strategy.startswith("fsdp") and self.trainer.accelerator == "cpu"),
+            "trainer.strategy",
+            self.trainer.strategy,
+            "Lightning's FSDP runs on GPUs only (trainer.accelerator=gpu); on the CPU use ddp",
+        )
         if isinstance(self.trainer.devices, int):
             processes = self.trainer.devices * self.trainer.num_nodes
             require(
@@ -318,6 +324,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
+        context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and opened:  # e.g. an unclosed list: say where it was opened
+            problem += f" ({context} at line {opened.line + 1})"
         raise RLBenchError(f"config file {str(path)!r}: YAML syntax error{where}: {problem}") from None
     if data is None:
         return {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -224,10 +225,14 @@ class RLModule(pl.LightningModule):
     def score(self, prompts: list[Any], completions: list[str]) -> Tensor:
         rewards = self.task.rewards(prompts, completions)
         name = self.config.task.name
-        if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
-            got = len(rewards) if hasattr(rewards, "__len__") else type(rewards).__name__
+        if not isinstance(rewards, (list, tuple)):
             raise RewardError(
-                f"task {name!r}: rewards() returned {got} values for {len(completions)} completions"
+                f"task {name!r}: rewards() returned a {type(rewards).__name__}; it must return a list "
+                f"of {len(completions)} floats, one per completion"
+            )
+        if len(rewards) != len(completions):
+            raise RewardError(
+                f"task {name!r}: rewards() returned {len(rewards)} values for {len(completions)} completions"
             )
         bad = [r for r in rewards if isinstance(r, bool) or not isinstance(r, (int, float))]
         if bad:
@@ -309,11 +314,15 @@ class RLModule(pl.LightningModule):
         where = f"rollout step {self.rollout_step} (optimiser step {self.global_step})"
         pl.utilities.rank_zero_warn(f"skipped the update of {where}: non-finite {cause}")
         if self.bad_in_a_row >= self.config.train.max_bad_steps:
+            checkpoints = Path(self.config.output_dir) / "checkpoints"
+            kept = (
+                f"the last good checkpoint is kept in {checkpoints}"
+                if any(checkpoints.glob("*.ckpt"))
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteError(
                 f"stopped at {where}: {self.bad_in_a_row} consecutive updates had a non-finite "
-                f"{cause}; the last good checkpoint is kept in "
-                f"{self.config.output_dir}/checkpoints (train.max_bad_steps="
-                f"{self.config.train.max_bad_steps})"
+                f"{cause}; {kept} (train.max_bad_steps={self.config.train.max_bad_steps})"
             )
 
     def policy_logprobs(
@@ -416,7 +425,8 @@ def non_finite_cause(batch: RolloutBatch, logprobs: Tensor, loss: Tensor) -> str
         value = getattr(batch, name)
         if value is not None and not bool(torch.isfinite(value).all()):
             rows = (~torch.isfinite(value)).reshape(len(value), -1).any(-1).nonzero().flatten().tolist()
-            return f"{name} (rows {rows[:8]} of the micro-batch)"
+            source = " from the task's rewards()" if name == "rewards" else ""
+            return f"{name}{source} (rows {rows[:8]} of the micro-batch)"
     if not bool(torch.isfinite(logprobs).all()):
         return "policy log-probs"
     return f"loss ({float(loss)})"

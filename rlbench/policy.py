@@ -9,6 +9,7 @@ same path, so the loading code that real models take is the code the tests run.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.errors import RLBenchError
+from rlbench.registry import did_you_mean
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -98,6 +100,12 @@ def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: P
             directory.parent.mkdir(parents=True, exist_ok=True)
             build_preset(name_or_path, alphabet, seed, directory)
         return str(directory)
+    near = did_you_mean(name_or_path, list(PRESETS))
+    if near:
+        raise RLBenchError(
+            f"model.name_or_path={name_or_path!r} is not a local directory or a preset{near}; "
+            f"presets: {', '.join(PRESETS)}"
+        )
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise RLBenchError(
             f"model.name_or_path={name_or_path!r}: no such directory; give a local save_pretrained "
@@ -113,6 +121,7 @@ def load_policy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    check_model_dir(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -128,6 +137,27 @@ def load_policy(
         raise RLBenchError(f"model.name_or_path={name_or_path!r}: the tokenizer has no EOS token")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def check_model_dir(name_or_path: str) -> None:
+    """A local directory must hold a transformers model config; say so before loading fails obscurely."""
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return
+    config_file = directory / "config.json"
+    field = f"model.name_or_path={name_or_path!r}"
+    if not config_file.is_file():
+        raise RLBenchError(
+            f"{field}: the directory holds no model (no config.json); give a save_pretrained directory"
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise RLBenchError(f"{field}: {config_file} is not a JSON model config") from None
+    if not model_type:
+        raise RLBenchError(
+            f"{field}: {config_file} has no 'model_type', so it is not a transformers model config"
+        )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

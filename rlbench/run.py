@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
         return last if resume else None
     if resume and not last.is_file():
         raise RLBenchError(f"--resume: no checkpoint at {str(last)!r}; start the run without --resume")
+    if resume and not zipfile.is_zipfile(last):  # torch.save writes a zip archive
+        raise RLBenchError(
+            f"--resume: {str(last)!r} is not a readable checkpoint (corrupt or truncated); "
+            f"resume from another checkpoint in {str(last.parent)!r} by copying it to {LAST_CHECKPOINT!r}"
+        )
     if not resume and out.is_dir() and any(out.iterdir()):
         raise RLBenchError(
             f"output_dir={str(out)!r} already holds a run; pass --resume to continue it, "
@@ -73,6 +79,7 @@ def train(
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from rlbench.data import StepTicks
     from rlbench.module import RLModule
@@ -97,18 +104,9 @@ def train(
     else:
         model_path = base_model_path(config, TASKS.get(config.task.name)(config.task.options))
     out = Path(config.output_dir)
-    if is_launcher_process():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(config))
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
-    loggers = build_loggers(config, resume)
-    if is_launcher_process():
-        start_loggers(loggers, config, resume)
-        if resume:
-            module.logged_steps = logged_steps(loggers)
-    if config.logging.mlflow and is_launcher_process():
-        print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
+    loggers = build_loggers(config, resume)  # builds objects only: nothing is written yet
     checkpoints = ModelCheckpoint(
         dirpath=out / CHECKPOINT_DIR,
         filename="step-{step}",
@@ -117,21 +115,39 @@ def train(
         monitor=None,
         save_last=True,
     )
-    trainer = pl.Trainer(
-        max_steps=config.trainer.max_steps,
-        accelerator=config.trainer.accelerator,
-        devices=config.trainer.devices,
-        num_nodes=config.trainer.num_nodes,
-        strategy=config.trainer.strategy,
-        precision=config.trainer.precision,
-        logger=loggers,
-        callbacks=[checkpoints, *(callbacks or [])],
-        plugins=[atomic_checkpoint_io()],
-        log_every_n_steps=1,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-        default_root_dir=str(out),
-    )
+    try:
+        trainer = pl.Trainer(
+            max_steps=config.trainer.max_steps,
+            accelerator=config.trainer.accelerator,
+            devices=config.trainer.devices,
+            num_nodes=config.trainer.num_nodes,
+            strategy=config.trainer.strategy,
+            precision=config.trainer.precision,
+            logger=loggers,
+            callbacks=[checkpoints, *(callbacks or [])],
+            plugins=[atomic_checkpoint_io()],
+            log_every_n_steps=1,
+            enable_model_summary=False,
+            enable_progress_bar=progress_bar,
+            default_root_dir=str(out),
+        )
+    except (ValueError, TypeError, MisconfigurationException) as err:  # Lightning refused the settings
+        t = config.trainer
+        settings = (
+            f"trainer.accelerator={t.accelerator!r}, trainer.strategy={t.strategy!r}, "
+            f"trainer.devices={t.devices!r}, trainer.num_nodes={t.num_nodes}, "
+            f"trainer.precision={t.precision!r}"
+        )
+        raise RLBenchError(f"{settings}: rejected by Lightning: {err}") from None
+    # everything is validated: only now does the run directory get written
+    if is_launcher_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(config))
+        start_loggers(loggers, config, resume)
+        if resume:
+            module.logged_steps = logged_steps(loggers)
+        if config.logging.mlflow:
+            print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
     trainer.fit(module, train_dataloaders=StepTicks(), ckpt_path=str(checkpoint) if checkpoint else None)
     history = module.eval_history
     summary = {

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from rlbench.config import RunConfig, config_hash
-from rlbench.data import StepTicks
+from rlbench.data import PromptSource, StepTicks
 from rlbench.evaluation import greedy_accuracy
 from rlbench.policy import load_policy, position_ids, resolve_model_path
 from rlbench.registry import TASKS
@@ -90,7 +90,9 @@ class WarmStartModule(pl.LightningModule):
     def __init__(self, model: Any, tokenizer: Any, task: Task, config: RunConfig) -> None:
         super().__init__()
         self.model, self.tokenizer, self.task, self.config = model.train(), tokenizer, task, config
-        self.eval_prompts = task.prompts("eval", config.eval.num_prompts, config.seed)
+        self.eval_prompts = PromptSource(task, config.rollout.prompts_per_step, config.seed).eval_prompts(
+            config.eval.num_prompts
+        )
         self.backend = BACKENDS[config.rollout.backend](tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.history: list[tuple[int, float]] = []
 
