@@ -106,7 +106,12 @@ def test_fsdp_shards_weights_gradients_and_optimizer_over_the_world(tmp_path, qw
     single = dry_run(qwen_config(tmp_path, qwen_dir, "rollout.prompts_per_step=8"))
     fsdp = dry_run(
         qwen_config(
-            tmp_path, qwen_dir, "rollout.prompts_per_step=8", "trainer.devices=8", "trainer.strategy=fsdp"
+            tmp_path,
+            qwen_dir,
+            "rollout.prompts_per_step=8",
+            "trainer.devices=8",
+            "trainer.strategy=fsdp",
+            "trainer.accelerator=gpu",  # Lightning's FSDP is GPU-only; a dry run needs no GPU
         )
     )
     assert fsdp.world_size == 8

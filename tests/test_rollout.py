@@ -59,7 +59,7 @@ def test_preset_round_trips_through_save_pretrained(policy, tmp_path: Path):
 def test_missing_model_path_is_a_clear_error(tmp_path: Path):
     with pytest.raises(RLBenchError, match="no such directory"):
         resolve_model_path(str(tmp_path / "nope"), ALPHABET, 0, tmp_path)
-    with pytest.raises(RLBenchError, match="could not be loaded"):
+    with pytest.raises(RLBenchError, match="the directory holds no model"):
         load_policy(str(tmp_path))  # exists, holds no model
 
 
