@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rlbench.algorithm import RolloutBatch
 from rlbench.config import LoraConfig
 from rlbench.errors import ConfigError, RLBenchError
-from rlbench.policy import completion_logprobs
+from rlbench.policy import batch_logprobs
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -95,14 +95,7 @@ class AdapterReference:
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                logprobs, _ = completion_logprobs(
-                    self.model,
-                    batch.prompt_ids,
-                    batch.prompt_mask,
-                    batch.completion_ids,
-                    batch.completion_mask,
-                    temperature,
-                )
+                logprobs, _ = batch_logprobs(self.model, batch, temperature)
         finally:
             for module, training in modes:
                 module.training = training

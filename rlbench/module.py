@@ -24,7 +24,7 @@ from rlbench.data import PromptBatch, PromptSource
 from rlbench.errors import RewardError, RLBenchError
 from rlbench.evaluation import decode_completions, encode_prompts, greedy_correct
 from rlbench.lora import AdapterReference, apply_lora
-from rlbench.policy import completion_logprobs, frozen_copy, load_policy
+from rlbench.policy import batch_logprobs, frozen_copy, load_policy
 from rlbench.registry import ALGORITHMS, TASKS
 from rlbench.rollout import BACKENDS, SamplingParams, concat_rollouts
 
@@ -37,15 +37,7 @@ class FrozenReference:
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
-        logprobs, _ = completion_logprobs(
-            self.model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            temperature,
-        )
-        return logprobs
+        return batch_logprobs(self.model, batch, temperature)[0]
 
 
 class RLModule(pl.LightningModule):
@@ -328,15 +320,7 @@ class RLModule(pl.LightningModule):
     def policy_logprobs(
         self, batch: RolloutBatch, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        return completion_logprobs(
-            self.policy,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            self.config.rollout.temperature,
-            with_entropy=with_entropy,
-        )
+        return batch_logprobs(self.policy, batch, self.config.rollout.temperature, with_entropy)
 
     @property
     def world_size(self) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from rlbench.algorithm import RolloutBatch
 from rlbench.errors import RLBenchError
 from rlbench.registry import did_you_mean
 
@@ -204,3 +205,18 @@ def completion_logprobs(
         with torch.no_grad():
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
     return logprobs, entropy
+
+
+def batch_logprobs(
+    model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``completion_logprobs`` of a rollout batch's completions (policy, reference alike)."""
+    return completion_logprobs(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.completion_ids,
+        batch.completion_mask,
+        temperature,
+        with_entropy=with_entropy,
+    )
