@@ -26,7 +26,7 @@ from rlbench.evaluation import decode_completions, encode_prompts, greedy_correc
 from rlbench.lora import AdapterReference, apply_lora
 from rlbench.policy import batch_logprobs, frozen_copy, load_policy
 from rlbench.registry import ALGORITHMS, TASKS
-from rlbench.rollout import BACKENDS, SamplingParams, concat_rollouts
+from rlbench.rollout import BACKENDS, SamplingParams, cat_padded, concat_rollouts
 
 
 class FrozenReference:
@@ -171,7 +171,8 @@ class RLModule(pl.LightningModule):
     def sample(self, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
         """``G`` completions per prompt and their rewards; metrics describe this sample."""
         G = self.algorithm.group_size
-        texts = [p.text for p in prompts.prompts for _ in range(G)]
+        repeated = [p for p in prompts.prompts for _ in range(G)]  # row i * G + j: prompt i
+        texts = [p.text for p in repeated]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, self.device)
         seeds = self.source.completion_seeds(prompts, G)
         started = time.perf_counter()
@@ -186,7 +187,7 @@ class RLModule(pl.LightningModule):
         )
         generate_s = time.perf_counter() - started
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
-        rewards = self.score([p for p in prompts.prompts for _ in range(G)], completions)
+        rewards = self.score(repeated, completions)
         grouped = rewards.view(-1, G)
         lengths = rollout.completion_mask.sum(-1)
         distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
@@ -468,21 +469,12 @@ def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBat
     """Stacks rollout batches, left-padding prompts and right-padding completions to a common width."""
     if len(batches) == 1:
         return batches[0]
-    prompt_len = max(b.prompt_ids.shape[1] for b in batches)
-    completion_len = max(b.completion_ids.shape[1] for b in batches)
-
-    def left(t: Tensor, width: int, value: float) -> Tensor:
-        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
-
-    def right(t: Tensor, width: int, value: float) -> Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
     return RolloutBatch(
-        prompt_ids=torch.cat([left(b.prompt_ids, prompt_len, pad_token_id) for b in batches]),
-        prompt_mask=torch.cat([left(b.prompt_mask, prompt_len, 0) for b in batches]),
-        completion_ids=torch.cat([right(b.completion_ids, completion_len, pad_token_id) for b in batches]),
-        completion_mask=torch.cat([right(b.completion_mask, completion_len, 0) for b in batches]),
-        behaviour_logprobs=torch.cat([right(b.behaviour_logprobs, completion_len, 0) for b in batches]),
+        prompt_ids=cat_padded([b.prompt_ids for b in batches], pad_token_id, left=True),
+        prompt_mask=cat_padded([b.prompt_mask for b in batches], 0, left=True),
+        completion_ids=cat_padded([b.completion_ids for b in batches], pad_token_id),
+        completion_mask=cat_padded([b.completion_mask for b in batches], 0),
+        behaviour_logprobs=cat_padded([b.behaviour_logprobs for b in batches], 0),
         rewards=torch.cat([b.rewards for b in batches]),
         group_size=batches[0].group_size,
     )

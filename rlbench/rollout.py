@@ -156,19 +156,28 @@ class DecodeLoop(RolloutBackend):
         )
 
 
+def cat_padded(tensors: list[Tensor], value: float, left: bool = False) -> Tensor:
+    """Concatenates ``[rows, width]`` tensors along rows, padding each to the widest first
+    (on the left for left-padded prompts, on the right for completions)."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat(
+        [
+            torch.nn.functional.pad(
+                t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value
+            )
+            for t in tensors
+        ]
+    )
+
+
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     """Stacks rollouts of micro-batches, right-padding to the longest completion."""
     if len(parts) == 1:
         return parts[0]
-    width = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(t: Tensor, value: float) -> Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
     return Rollout(
-        torch.cat([pad(p.completion_ids, pad_token_id) for p in parts]),
-        torch.cat([pad(p.completion_mask, 0.0) for p in parts]),
-        torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+        cat_padded([p.completion_ids for p in parts], pad_token_id),
+        cat_padded([p.completion_mask for p in parts], 0.0),
+        cat_padded([p.logprobs for p in parts], 0.0),
     )
 
 
