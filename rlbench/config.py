@@ -40,7 +40,7 @@ class LoraConfig:
     alpha: float = 16.0
     """LoRA scaling numerator (updates are scaled by alpha / r)."""
     dropout: float = 0.0
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch (only with ``model.disable_dropout: false``: RL zeroes dropout)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     """Names of the linear layers that get adapters (Llama/Qwen attention projections by default)."""
 
@@ -62,6 +62,11 @@ class ModelConfig:
     """Dtype the weights are loaded in; ``auto`` keeps the checkpoint's own."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint."""
+    disable_dropout: bool = True
+    """Zero every dropout of the policy and reference (as TRL does): with dropout the policy that
+    samples is not the ``pi_old`` the loss scores, and the importance ratio is noise. With false,
+    dropout stays on in training forwards only (sampling and scoring run in eval mode), and
+    ``train/behaviour_logprob_gap`` shows the mismatch."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -71,7 +76,12 @@ class WarmStartConfig:
     """Start RL from a supervised warm start on the task's demonstrations (built and cached on
     first use, shared by every algorithm with the same model, task and warm-start settings)."""
     target_accuracy: float = 0.25
-    """Stop the warm start once greedy eval accuracy reaches this (keep it clearly below 1)."""
+    """Stop the warm start once greedy accuracy on the validation slice reaches this (keep it
+    clearly below 1)."""
+    validation_prompts: int = 200
+    """Size of the warm start's validation slice: fixed prompts of the *train* split, held out of
+    the demonstrations, on which ``target_accuracy`` is checked. The eval split is only ever used
+    for reporting (``eval/accuracy``), never to choose the starting point."""
     max_steps: int = 3000
     """Upper bound on supervised steps."""
     batch_size: int = 64
@@ -91,6 +101,9 @@ class WarmStartConfig:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.lr > 0, "lr", self.lr, "a number > 0")
         require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        require(
+            self.validation_prompts >= 1, "validation_prompts", self.validation_prompts, "an integer >= 1"
+        )
 
 
 @dataclass
@@ -102,9 +115,10 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; log-probs and entropy are computed at this temperature too."""
     top_p: float = 1.0
-    """Nucleus sampling mass (1 disables)."""
+    """Must stay 1: the loss, KL and entropy use the unfiltered ``softmax(logits / T)``, so
+    nucleus-filtered samples would make the importance ratio wrong."""
     top_k: int = 0
-    """Sample among the k most likely tokens (0 disables)."""
+    """Must stay 0, for the same reason as ``top_p``."""
     backend: Literal["decode_loop"] = "decode_loop"
     """Sampler: ``decode_loop`` is a batched KV-cache loop with per-completion seeded draws."""
     micro_batch_size: int = 0
@@ -114,8 +128,15 @@ class RolloutConfig:
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "an integer >= 1")
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         require(self.temperature > 0, "temperature", self.temperature, "a number > 0")
-        require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
-        require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables)")
+        # Filtered sampling draws from a distribution the loss never sees: the gap to the
+        # unfiltered log-probs reaches 1.7 nats at top_k 5, so the ratio is wrong from pass 0.
+        unfiltered = (
+            "training rollouts sample the full softmax(logits / T) that the loss, KL and entropy "
+            "use; a filter would make the importance ratio wrong. Sharpen sampling with "
+            "rollout.temperature instead"
+        )
+        require(self.top_p == 1.0, "top_p", self.top_p, f"must be 1.0: {unfiltered}")
+        require(self.top_k == 0, "top_k", self.top_k, f"must be 0: {unfiltered}")
         require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
 
 
@@ -165,7 +186,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 200
-    """Optimiser steps (with ``mu`` passes per batch, ``mu`` steps per rollout batch)."""
+    """Rollout steps (batches of rollouts) to train for; with ``mu`` passes per batch the
+    optimiser steps ``mu`` times per rollout step."""
     devices: int | Literal["auto"] = 1
     """Lightning ``devices``: a count or ``auto``."""
     accelerator: str = "cpu"
@@ -177,7 +199,7 @@ class TrainerConfig:
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     """Lightning precision; log-probs, KL and entropy are computed in fp32 regardless."""
     checkpoint_every: int = 50
-    """Save a checkpoint every this many optimiser steps (and at the end)."""
+    """Save a checkpoint every this many rollout steps (and at the last step), whatever ``mu``."""
     num_threads: int = 0
     """torch CPU threads (0 leaves torch's default)."""
 

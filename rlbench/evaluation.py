@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rlbench.policy import inference_mode
 from rlbench.rollout import RolloutBackend, SamplingParams
 from rlbench.task import Prompt, Task
 
@@ -16,9 +17,27 @@ def encode_prompts(tokenizer: object, texts: list[str], device: torch.device) ->
 
 
 def decode_completions(tokenizer: object, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
-    """Completion texts without special tokens; tokens after EOS are ignored."""
+    """Completion texts without special tokens; tokens after EOS are ignored.
+
+    Special tokens decode to nothing here, so a completion holding one before its EOS must not
+    be scored on this text (``special_token_rows``): ``4<pad>5`` would read as ``45``.
+    """
     ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)  # type: ignore[attr-defined]
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+def special_token_rows(tokenizer: object, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+    """``[B]`` bool: completions holding a special token (pad, bos, unk, ...) before their EOS.
+
+    They score 0 and never count as correct, whatever their decoded text says: the reward must
+    judge exactly what was generated, and the decoded text drops these tokens silently.
+    """
+    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    special = sorted(set(tokenizer.all_special_ids) - {eos})  # type: ignore[attr-defined]
+    if not special:
+        return torch.zeros(completion_ids.shape[0], dtype=torch.bool, device=completion_ids.device)
+    is_special = torch.isin(completion_ids, torch.tensor(special, device=completion_ids.device))
+    return (is_special & (completion_mask > 0)).any(-1)
 
 
 def greedy_accuracy(
@@ -33,7 +52,6 @@ def greedy_accuracy(
     return greedy_correct(model, tokenizer, task, prompts, backend, max_new_tokens) / len(prompts)
 
 
-@torch.no_grad()
 def greedy_correct(
     model: nn.Module,
     tokenizer: object,
@@ -43,16 +61,19 @@ def greedy_correct(
     max_new_tokens: int,
     chunk: int = 256,
 ) -> int:
-    """How many of ``prompts`` the greedy completion solves (a count, so shards can be summed)."""
-    was_training = model.training
-    model.eval()
+    """How many of ``prompts`` the greedy completion solves (a count, so shards can be summed).
+
+    A completion with a special token before its EOS is never correct (``special_token_rows``).
+    """
     device = next(model.parameters()).device
     correct = 0
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start : start + chunk]
-        ids, mask = encode_prompts(tokenizer, [p.text for p in part], device)
-        rollout = backend.generate(model, ids, mask, [0] * len(part), SamplingParams(max_new_tokens, 0.0))
-        texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
-        correct += sum(task.is_correct(p, t) for p, t in zip(part, texts))
-    model.train(was_training)
+    with inference_mode(model):
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            ids, mask = encode_prompts(tokenizer, [p.text for p in part], device)
+            params = SamplingParams(max_new_tokens, 0.0)
+            rollout = backend.generate(model, ids, mask, [0] * len(part), params)
+            texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            invalid = special_token_rows(tokenizer, rollout.completion_ids, rollout.completion_mask).tolist()
+            correct += sum(not bad and task.is_correct(p, t) for p, t, bad in zip(part, texts, invalid))
     return correct

@@ -24,20 +24,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from rlbench.algorithm import RolloutBatch
 from rlbench.config import LoraConfig
 from rlbench.errors import ConfigError, RLBenchError
-from rlbench.policy import batch_logprobs
+from rlbench.policy import batch_logprobs, inference_mode
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wraps ``model`` with LoRA adapters; only adapter weights stay trainable.
 
     The result is a ``peft.PeftModel``: it takes the same ``forward`` arguments as ``model``
-    (``logits_to_keep``, ``past_key_values``...) and forwards attribute lookups
+    (``logits_to_keep``, ``cache``...) and forwards attribute lookups
     (``generation_config``, ``config``) to it.
     """
     try:
@@ -86,20 +85,13 @@ class AdapterReference:
     (no dropout); the policy's train/eval flags are restored afterwards.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int | None = None) -> None:
         self.model = model
+        self.vocab_size = vocab_size
 
-    @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                logprobs, _ = batch_logprobs(self.model, batch, temperature)
-        finally:
-            for module, training in modes:
-                module.training = training
-        return logprobs
+        with inference_mode(self.model), self.model.disable_adapter():
+            return batch_logprobs(self.model, batch, temperature, vocab_size=self.vocab_size)[0]
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -1,10 +1,14 @@
 """RLModule: one Lightning module runs every on-policy algorithm.
 
-A training step is: prompts for this step -> ``G`` sampled completions each (KV-cache decode,
-seeded per completion) -> task rewards -> ``algorithm.prepare`` (advantages) -> reference
-log-probs if the algorithm needs them -> ``mu`` optimiser steps on ``algorithm.loss``. The
-module knows no algorithm or task by name: what differs is a property or method of the
-plug-in (``group_size``, ``needs_reference``, ``passes_per_batch``, ``keep_groups``...).
+A training step is: the step's groups from the ``RolloutCollector`` (sampled, verified,
+selected) -> ``algorithm.prepare`` (advantages) -> reference log-probs if the algorithm needs
+them -> ``mu`` optimiser steps on ``algorithm.loss``. The module knows no algorithm or task by
+name: what differs is a property or method of the plug-in (``group_size``,
+``needs_reference``, ``passes_per_batch``, ``keep_groups``...).
+
+Steps are counted in *rollout steps* (batches of rollouts): ``trainer.max_steps``,
+``trainer.checkpoint_every`` and ``eval.every_n_steps`` all count them, and every metric is
+logged at the rollout step, whatever ``mu`` (optimiser steps per rollout step) is.
 """
 
 from __future__ import annotations
@@ -20,24 +24,39 @@ from torch import Tensor, nn
 
 from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.config import RunConfig
-from rlbench.data import PromptBatch, PromptSource
-from rlbench.errors import RewardError, RLBenchError
-from rlbench.evaluation import decode_completions, encode_prompts, greedy_correct
+from rlbench.data import PromptSource
+from rlbench.errors import RLBenchError
+from rlbench.evaluation import greedy_correct
+from rlbench.experience import RolloutCollector, micro_batches
 from rlbench.lora import AdapterReference, apply_lora
-from rlbench.policy import batch_logprobs, frozen_copy, load_policy
+from rlbench.metrics import combine_micro_batches, reduce_over_processes, reduce_passes
+from rlbench.policy import (
+    batch_logprobs,
+    disable_dropout,
+    frozen_copy,
+    inference_mode,
+    load_policy,
+    real_vocab_size,
+)
 from rlbench.registry import ALGORITHMS, TASKS
-from rlbench.rollout import BACKENDS, SamplingParams, cat_padded, concat_rollouts
+from rlbench.rollout import BACKENDS, SamplingParams
 
 
 class FrozenReference:
-    """The reference policy, held outside the module's parameters (not checkpointed, not trained)."""
+    """The reference policy, held outside the module's parameters (not checkpointed, not trained).
 
-    def __init__(self, model: nn.Module) -> None:
+    Lightning neither moves nor casts it: ``RLModule.on_fit_start`` gives it the policy's
+    device and dtype (under ``bf16-true`` an fp32 reference would make KL non-zero at step 0
+    and cost twice the memory).
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None) -> None:
         self.model = model
+        self.vocab_size = vocab_size
 
-    @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
-        return batch_logprobs(self.model, batch, temperature)[0]
+        with inference_mode(self.model):
+            return batch_logprobs(self.model, batch, temperature, vocab_size=self.vocab_size)[0]
 
 
 class RLModule(pl.LightningModule):
@@ -49,26 +68,40 @@ class RLModule(pl.LightningModule):
         self.policy, self.tokenizer = load_policy(
             model_path, config.model.dtype, config.model.trust_remote_code
         )
-        self.policy.train()
+        #: Logit rows that are real tokens: the only ones sampled and scored.
+        self.vocab_size = real_vocab_size(self.tokenizer, self.policy)
         self.reference: FrozenReference | AdapterReference | None = None
         if config.model.lora.r > 0:
-            # the reference is the base model: the same weights with the adapters switched off
             self.policy = apply_lora(self.policy, config.model.lora)
-            if self.algorithm.needs_reference:
-                self.reference = AdapterReference(self.policy)
-        elif self.algorithm.needs_reference:
-            self.reference = FrozenReference(frozen_copy(self.policy))
-        self.backend = BACKENDS[config.rollout.backend](
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        )
-        self.source = PromptSource(self.task, config.rollout.prompts_per_step, config.seed)
+        if config.model.disable_dropout:
+            disable_dropout(self.policy)
+        self.policy.train()
+        if self.algorithm.needs_reference:
+            # with LoRA the reference is the base model: the same weights, adapters switched off
+            self.reference = (
+                AdapterReference(self.policy, self.vocab_size)
+                if config.model.lora.r > 0
+                else FrozenReference(frozen_copy(self.policy), self.vocab_size)
+            )
         rollout = config.rollout
-        self.sampling = SamplingParams(
-            rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k
+        self.backend = BACKENDS[rollout.backend](
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.vocab_size
         )
-        self.eval_prompts = self.source.eval_prompts(config.eval.num_prompts)
+        self.rollouts = RolloutCollector(
+            task=self.task,
+            task_name=config.task.name,
+            algorithm=self.algorithm,
+            source=PromptSource(self.task, rollout.prompts_per_step, config.seed),
+            backend=self.backend,
+            sampling=SamplingParams(
+                rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k
+            ),
+            tokenizer=self.tokenizer,
+            micro_batch_size=rollout.micro_batch_size,
+        )
+        self.eval_prompts = self.rollouts.source.eval_prompts(config.eval.num_prompts)
         self.automatic_optimization = False
-        #: ``(optimiser step, accuracy)`` of every evaluation of this process's run.
+        #: ``(rollout step, accuracy)`` of every evaluation of this process's run.
         self.eval_history: list[tuple[int, float]] = []
         #: The latest step's metrics (what the loggers received), for callbacks.
         self.last_metrics: dict[str, float] = {}
@@ -90,7 +123,8 @@ class RLModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=True
         )
-        total = self.config.trainer.max_steps
+        # the scheduler steps once per optimiser step: mu per rollout step
+        total = self.config.trainer.max_steps * self.algorithm.passes_per_batch
 
         def factor(step: int) -> float:
             if step < optim.warmup_steps:
@@ -106,24 +140,33 @@ class RLModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.model.to(self.device)
+        if isinstance(self.reference, FrozenReference):
+            # after Lightning placed and cast the policy (bf16-true casts the weights)
+            weight = next(self.policy.parameters())
+            self.reference.model.to(device=weight.device, dtype=weight.dtype)
+
+    def on_train_start(self) -> None:
+        if self.rollout_step >= self.config.trainer.max_steps:  # a finished run, resumed
+            self.trainer.should_stop = True
 
     def training_step(self, tick: Any, batch_idx: int) -> None:
         step = self.rollout_step
         if step % self.config.eval.every_n_steps == 0:
             self.evaluate()
         started = time.perf_counter()
-        batch, metrics = self.collect(step)
-        metrics.update(self.update(batch))
-        metrics["perf/step_s"] = time.perf_counter() - started
-        metrics = self.reduce_across_processes(metrics)
+        batch, first, sampled = self.rollouts.collect(
+            self.policy, step, self.global_rank, self.world_size, self.gather
+        )
+        updated, weight = self.update(batch, first)
+        updated["perf/step_s"] = time.perf_counter() - started
+        metrics = {**self.reduce(sampled, 1.0), **self.reduce(updated, weight)}
         self.last_metrics = metrics
         self.log_metrics(metrics, step=step)
         self.rollout_step += 1
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
-        if self.global_step >= self.trainer.max_steps:
+        if self.rollout_step >= self.config.trainer.max_steps:
             self.evaluate()
+            self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlbench_config"] = self.config.to_dict()
@@ -143,114 +186,23 @@ class RLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the RL step
 
-    def collect(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Samples and scores the step's groups; with resampling, replaces rejected groups."""
-        G = self.algorithm.group_size
-        rank, world = self.global_rank, self.world_size
-        wanted = self.config.rollout.prompts_per_step // world
-        first, metrics = self.sample(self.source.batch(step, 0, rank, world))
-        kept: list[RolloutBatch] = []
-        count = 0
-        for round_ in range(self.algorithm.max_resample_rounds + 1):
-            part = first if round_ == 0 else self.sample(self.source.batch(step, round_, rank, world))[0]
-            keep = self.algorithm.keep_groups(part.rewards.view(-1, G).cpu())
-            if bool(keep.any()):
-                rows = keep.repeat_interleave(G).nonzero().squeeze(-1).to(part.rewards.device)
-                kept.append(part.rows(rows))
-                count += int(keep.sum())
-            if count >= wanted:
-                break
-        # With no group left (e.g. every reward equal), train on the first sample as drawn:
-        # its advantages are zero, so only regularisers (KL) move the policy.
-        batch = (
-            concat_batches(kept, self.tokenizer.pad_token_id).rows(slice(0, wanted * G)) if kept else first
-        )
-        metrics["train/kept_groups"] = len(batch) / G
-        return batch, metrics
-
-    def sample(self, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
-        """``G`` completions per prompt and their rewards; metrics describe this sample."""
-        G = self.algorithm.group_size
-        repeated = [p for p in prompts.prompts for _ in range(G)]  # row i * G + j: prompt i
-        texts = [p.text for p in repeated]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, self.device)
-        seeds = self.source.completion_seeds(prompts, G)
-        started = time.perf_counter()
-        rollout = concat_rollouts(
-            [
-                self.backend.generate(
-                    self.policy, prompt_ids[rows], prompt_mask[rows], seeds[rows], self.sampling
-                )
-                for rows in micro_batches(len(texts), self.config.rollout.micro_batch_size)
-            ],
-            self.tokenizer.pad_token_id,
-        )
-        generate_s = time.perf_counter() - started
-        completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask)
-        rewards = self.score(repeated, completions)
-        grouped = rewards.view(-1, G)
-        lengths = rollout.completion_mask.sum(-1)
-        distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
-        metrics = {
-            "train/reward_mean": rewards.mean().item(),
-            "train/reward_std": rewards.std(unbiased=False).item(),
-            "train/reward_group_std": grouped.std(-1, unbiased=False).mean().item(),
-            "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values)
-            .float()
-            .mean()
-            .item(),
-            "train/completion_len": lengths.mean().item(),
-            "train/distinct_completions": sum(distinct) / len(distinct),
-            "perf/rollout_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
-            "perf/rollout_s": generate_s,
-        }
-        batch = RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=rollout.completion_ids,
-            completion_mask=rollout.completion_mask,
-            behaviour_logprobs=rollout.logprobs,
-            rewards=rewards,
-            group_size=G,
-        )
-        return batch, metrics
-
-    def score(self, prompts: list[Any], completions: list[str]) -> Tensor:
-        rewards = self.task.rewards(prompts, completions)
-        name = self.config.task.name
-        if not isinstance(rewards, (list, tuple)):
-            raise RewardError(
-                f"task {name!r}: rewards() returned a {type(rewards).__name__}; it must return a list "
-                f"of {len(completions)} floats, one per completion"
-            )
-        if len(rewards) != len(completions):
-            raise RewardError(
-                f"task {name!r}: rewards() returned {len(rewards)} values for {len(completions)} completions"
-            )
-        bad = [r for r in rewards if isinstance(r, bool) or not isinstance(r, (int, float))]
-        if bad:
-            raise RewardError(
-                f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats"
-            )
-        return torch.tensor(rewards, dtype=torch.float32, device=self.device)
-
-    def update(self, batch: RolloutBatch) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, first: RolloutBatch) -> tuple[dict[str, float], float]:
         """``mu`` optimiser steps on the algorithm's loss over one batch of rollouts.
 
-        Each step accumulates gradients over micro-batches of ``train.micro_batch_size`` rows;
-        the algorithm's loss uses step-wide denominators, so the summed micro-batch losses equal
-        the whole batch's loss whatever the micro-batch size.
+        Returns the step's metrics and their weight (this process's completion tokens). Each
+        optimiser step accumulates gradients over micro-batches of ``train.micro_batch_size``
+        rows; the algorithm's loss uses step-wide denominators, so the summed micro-batch losses
+        equal the whole batch's loss whatever the micro-batch size or number of processes.
+        ``first`` (the step's first sample) supplies rows for padding micro-batches.
         """
-        temperature = self.config.rollout.temperature
         batch = self.algorithm.prepare(batch)
         chunks = micro_batches(len(batch), self.config.train.micro_batch_size)
+        # Every backward is a DDP all-reduce: a process that kept fewer groups than another
+        # makes up the difference with zero-weight micro-batches, so the collectives match.
+        padding = int(self.global_max(len(chunks))) - len(chunks)
+        filler = self.padding_chunk(first) if padding else None
         if self.reference is not None:
-            batch.ref_logprobs = torch.cat(
-                [self.reference.logprobs(batch.rows(c), temperature) for c in chunks]
-            )
-        if self.algorithm.passes_per_batch > 1:  # pi_old: the policy that sampled, before any update
-            with torch.no_grad():
-                batch.old_logprobs = torch.cat([self.policy_logprobs(batch.rows(c))[0] for c in chunks])
+            batch.ref_logprobs = self.reference_logprobs(batch, chunks)
         # Denominators count the whole step on every process, so the processes' losses add up
         # to the step's loss; DDP averages gradients, hence the factor world_size below.
         scale = LossScale(
@@ -259,25 +211,41 @@ class RLModule(pl.LightningModule):
             self.config.rollout.max_new_tokens,
         )
         world = self.world_size
+        passes = self.algorithm.passes_per_batch
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         history: list[dict[str, float]] = []
-        entropy_sum = 0.0
+        old_logprobs: list[Tensor] = []
+        entropy_sum, behaviour_gap = 0.0, -math.inf
         cause: str | None = None  # what went non-finite, if anything
-        for pass_index in range(self.algorithm.passes_per_batch):
+        for pass_index in range(passes):
             optimizer.zero_grad(set_to_none=True)
             parts: list[tuple[dict[str, Tensor], float]] = []
             for rows in chunks:
                 part = batch.rows(rows)
                 logprobs, token_entropy = self.policy_logprobs(part, with_entropy=pass_index == 0)
-                if token_entropy is not None:
+                if pass_index == 0:
+                    # pi_old is the policy that sampled: these very weights until the first
+                    # optimiser step, so pass 0's log-probs are pi_old (no extra forward)
+                    current = logprobs.detach()
+                    if passes > 1:
+                        old_logprobs.append(current)
                     entropy_sum += float((token_entropy * part.completion_mask).sum())
+                    behaviour_gap = max(behaviour_gap, logprob_gap(part, current))
                 loss, metrics = self.algorithm.loss(logprobs, part, scale)
                 if cause is None and not bool(torch.isfinite(loss)):
                     cause = non_finite_cause(part, logprobs, loss)
                 # backward even then: every process must join DDP's gradient all-reduce
                 self.manual_backward(loss * world)
                 parts.append((metrics, float(part.completion_mask.sum())))
+            for _ in range(padding):
+                assert filler is not None
+                logprobs, _ = self.policy_logprobs(filler)
+                _, metrics = self.algorithm.loss(logprobs, filler, scale)  # names only: weight 0
+                self.manual_backward(logprobs.sum() * 0.0)  # zero gradient, same all-reduce
+                parts.append((metrics, 0.0))
+            if old_logprobs and batch.old_logprobs is None:
+                batch.old_logprobs = torch.cat(old_logprobs)
             metrics = combine_micro_batches(parts)
             clip = self.config.optim.grad_clip or math.inf
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip))
@@ -291,11 +259,27 @@ class RLModule(pl.LightningModule):
             scheduler.step()
             history.append(metrics)
         self.guard(cause)
-        out = {f"train/{name}": value for name, value in reduce_metrics(history).items()}
+        out = {f"train/{name}": value for name, value in reduce_passes(history).items()}
+        out["train/behaviour_logprob_gap"] = behaviour_gap
         out["train/skipped_steps"] = float(self.skipped_steps)
         out["train/entropy"] = self.global_sum(entropy_sum) / max(scale.num_tokens, 1)
         out["train/lr"] = scheduler.get_last_lr()[0]
-        return out
+        return out, float(batch.completion_mask.sum())
+
+    def reference_logprobs(self, batch: RolloutBatch, chunks: list[slice]) -> Tensor:
+        assert self.reference is not None
+        temperature = self.config.rollout.temperature
+        if not chunks:
+            return torch.zeros_like(batch.completion_mask)
+        return torch.cat([self.reference.logprobs(batch.rows(c), temperature) for c in chunks])
+
+    def padding_chunk(self, first: RolloutBatch) -> RolloutBatch:
+        """One row of the step's first sample, prepared like a real micro-batch (its loss is
+        weighted 0: it only keeps this process's backward passes in step with the others)."""
+        group = self.algorithm.prepare(first.rows(slice(0, self.algorithm.group_size)))
+        if self.reference is not None:
+            group.ref_logprobs = self.reference.logprobs(group, self.config.rollout.temperature)
+        return group.rows(slice(0, 1))
 
     def guard(self, cause: str | None) -> None:
         """Counts skipped updates; stops the run after ``train.max_bad_steps`` in a row."""
@@ -321,7 +305,8 @@ class RLModule(pl.LightningModule):
     def policy_logprobs(
         self, batch: RolloutBatch, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        return batch_logprobs(self.policy, batch, self.config.rollout.temperature, with_entropy)
+        temperature = self.config.rollout.temperature
+        return batch_logprobs(self.policy, batch, temperature, with_entropy, self.vocab_size)
 
     @property
     def world_size(self) -> int:
@@ -336,29 +321,25 @@ class RLModule(pl.LightningModule):
             self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum")
         )
 
-    def reduce_across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Global figures from per-process metrics: one all-gather for the whole dict.
+    def global_max(self, value: float) -> float:
+        """``value``'s maximum over all processes."""
+        if self.world_size == 1:
+            return value
+        return float(
+            self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="max")
+        )
 
-        The loss and throughput add up over processes, ``_min``/``_max`` and timings take the
-        extreme, every other metric (means over equal shares of the batch) is averaged.
-        """
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every process's ``tensor`` stacked in rank order and flattened (one all-gather)."""
+        if self.world_size == 1:
+            return tensor
+        return self.all_gather(tensor.to(self.device)).reshape(-1)
+
+    def reduce(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
+        """Global figures from this process's metrics (``metrics.reduce_over_processes``)."""
         if self.world_size == 1:
             return metrics
-        names = sorted(metrics)
-        gathered = self.all_gather(torch.tensor([metrics[n] for n in names], device=self.device))
-        gathered = gathered.reshape(-1, len(names)).double()
-        out = {}
-        for i, name in enumerate(names):
-            column = gathered[:, i]
-            if name in ("train/loss", "perf/rollout_tokens_per_s", "train/kept_groups"):
-                out[name] = float(column.sum())
-            elif name.endswith("_min"):
-                out[name] = float(column.min())
-            elif name.endswith(("_max", "_s")):
-                out[name] = float(column.max())
-            else:
-                out[name] = float(column.mean())
-        return out
+        return reduce_over_processes(metrics, weight, self.gather)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Hands one step's metrics straight to the loggers.
@@ -424,57 +405,13 @@ def non_finite_gradient(model: nn.Module) -> str:
     return "gradient norm"
 
 
-def micro_batches(rows: int, size: int) -> list[slice]:
-    """Row slices of at most ``size`` rows (``size`` 0: one slice of everything)."""
-    size = size or rows
-    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+def logprob_gap(batch: RolloutBatch, logprobs: Tensor) -> float:
+    """max |behaviour - current| log-prob over the completion tokens of ``batch`` (-inf if none).
 
-
-def combine_micro_batches(parts: list[tuple[dict[str, Tensor], float]]) -> dict[str, float]:
-    """One step's metrics from its micro-batches' ``(metrics, token count)``.
-
-    ``loss`` adds up (each part is its share of the step's loss); ``_min``/``_max`` reduce by
-    min/max; every other metric is a per-token mean, so it is weighted by token counts.
+    Sampled at pass 0, before any update, this must be 0 up to float error: anything more means
+    the sampler and the loss see different distributions (dropout, filtering, precision).
     """
-    total = sum(tokens for _, tokens in parts) or 1.0
-    out: dict[str, float] = {}
-    for name in parts[0][0]:
-        values = [float(metrics[name]) for metrics, _ in parts]
-        if name == "loss":
-            out[name] = sum(values)
-        elif name.endswith("_min"):
-            out[name] = min(values)
-        elif name.endswith("_max"):
-            out[name] = max(values)
-        else:
-            out[name] = sum(v * tokens for v, (_, tokens) in zip(values, parts)) / total
-    return out
-
-
-def reduce_metrics(history: list[dict[str, float]]) -> dict[str, float]:
-    """Combines per-pass metrics: ``_min``/``_max`` by min/max, the rest by their mean over passes."""
-    out: dict[str, float] = {}
-    for name in history[0]:
-        values = [h[name] for h in history]
-        if name.endswith("_min"):
-            out[name] = min(values)
-        elif name.endswith("_max"):
-            out[name] = max(values)
-        else:
-            out[name] = sum(values) / len(values)
-    return out
-
-
-def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
-    """Stacks rollout batches, left-padding prompts and right-padding completions to a common width."""
-    if len(batches) == 1:
-        return batches[0]
-    return RolloutBatch(
-        prompt_ids=cat_padded([b.prompt_ids for b in batches], pad_token_id, left=True),
-        prompt_mask=cat_padded([b.prompt_mask for b in batches], 0, left=True),
-        completion_ids=cat_padded([b.completion_ids for b in batches], pad_token_id),
-        completion_mask=cat_padded([b.completion_mask for b in batches], 0),
-        behaviour_logprobs=cat_padded([b.behaviour_logprobs for b in batches], 0),
-        rewards=torch.cat([b.rewards for b in batches]),
-        group_size=batches[0].group_size,
-    )
+    mask = batch.completion_mask > 0
+    if not bool(mask.any()):
+        return -math.inf
+    return float((batch.behaviour_logprobs - logprobs).abs()[mask].max())

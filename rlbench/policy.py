@@ -8,8 +8,11 @@ same path, so the loading code that real models take is the code the tests run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.algorithm import RolloutBatch
+from rlbench.cache import build_once
 from rlbench.errors import RLBenchError
 from rlbench.registry import did_you_mean
 
@@ -74,19 +78,22 @@ def preset_config(name: str, alphabet: str) -> LlamaConfig:
 
 
 def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
-    """Creates preset ``name`` (random weights from ``seed``) and saves model + tokenizer."""
+    """Creates preset ``name`` (random weights from ``seed``) and saves model + tokenizer.
+
+    Built once even when several processes ask at the same time (``cache.build_once``).
+    """
     from transformers import LlamaForCausalLM
 
-    tokenizer = char_tokenizer(alphabet)
-    config = preset_config(name, alphabet)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(directory)  # atomic: a half-written preset is never picked up
-    return directory
+    def build(tmp: Path) -> None:
+        tokenizer = char_tokenizer(alphabet)
+        config = preset_config(name, alphabet)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_once(directory, build, complete=Path.is_dir)
 
 
 def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: Path) -> str:
@@ -97,10 +104,7 @@ def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: P
         from rlbench.config import config_hash
 
         directory = cache_dir / "presets" / f"{name_or_path}-{config_hash(alphabet, seed)}"
-        if not directory.is_dir():
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            build_preset(name_or_path, alphabet, seed, directory)
-        return str(directory)
+        return str(build_preset(name_or_path, alphabet, seed, directory))
     near = did_you_mean(name_or_path, list(PRESETS))
     if near:
         raise RLBenchError(
@@ -140,6 +144,54 @@ def load_policy(
     return model, tokenizer
 
 
+def real_vocab_size(tokenizer: Any, model: nn.Module) -> int:
+    """How many logit rows are real tokens: the tokenizer's size, capped by the model's rows.
+
+    Models round their embedding up (tiny presets: 32 rows for 18 tokens; Qwen2.5: 151,936 for
+    151,665); the extra rows are ids no tokenizer maps, which decode to nothing.
+    """
+    rows = model.get_output_embeddings().weight.shape[0]
+    return min(len(tokenizer), rows)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Zeroes every dropout of ``model``, as TRL does for RL: with dropout, the policy that
+    samples is not the one that scores (``pi_old``) and the importance ratio is noise.
+
+    ``nn.Dropout`` modules (GPT-2's, LoRA's) get ``p = 0``; attention implementations that
+    apply dropout functionally read a float attribute (Llama/Qwen ``attention_dropout``), so
+    those are zeroed too.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) and no gradients for a forward that only scores or samples;
+    every module's train/eval flag is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model.forward``: ``cache`` from transformers 5.23
+    (``past_key_values`` is removed in 5.40), ``past_key_values`` before and in remote code."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def check_model_dir(name_or_path: str) -> None:
     """A local directory must hold a transformers model config; say so before loading fails obscurely."""
     directory = Path(name_or_path)
@@ -162,8 +214,8 @@ def check_model_dir(name_or_path: str) -> None:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen reference policy: same weights, eval mode, no gradients."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    """A frozen reference policy: same weights, eval mode, no dropout, no gradients."""
+    return disable_dropout(copy.deepcopy(model).eval().requires_grad_(False))
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -179,12 +231,14 @@ def completion_logprobs(
     completion_mask: Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of ``completion_ids`` (and exact entropy) under ``model``, in fp32.
 
     One teacher-forced forward over prompt + completion; logits are computed for completion
-    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)``. The
-    entropy is the exact ``-sum_v p_v log p_v`` over the vocabulary, detached.
+    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)`` over the
+    first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if None).
+    The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
@@ -197,7 +251,8 @@ def completion_logprobs(
         use_cache=False,
         logits_to_keep=num_completion + 1,
     )
-    logits = out.logits[:, :-1].float() / temperature  # position t predicts completion token t
+    # position t predicts completion token t
+    logits = out.logits[:, :-1, :vocab_size].float() / temperature
     logprobs_all = torch.log_softmax(logits, dim=-1)
     logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
@@ -208,7 +263,11 @@ def completion_logprobs(
 
 
 def batch_logprobs(
-    model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``completion_logprobs`` of a rollout batch's completions (policy, reference alike)."""
     return completion_logprobs(
@@ -219,4 +278,5 @@ def batch_logprobs(
         batch.completion_mask,
         temperature,
         with_entropy=with_entropy,
+        vocab_size=vocab_size,
     )

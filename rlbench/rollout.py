@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlbench.policy import position_ids
+from rlbench.policy import cache_kwarg, position_ids
 
 
 def derive_seed(*parts: int) -> int:
@@ -72,16 +72,40 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def sample_tokens(log_dist: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draws: for each row, the first token whose cumulative mass exceeds ``u * total``.
+
+    ``log_dist [B, V]`` are log-probabilities (``-inf`` for excluded tokens), ``uniforms [B]`` in
+    ``[0, 1)``. The right-side search skips zero-mass tokens even when ``u = 0``; when rounding
+    puts ``u * total`` at or past the last cumulative value, the last token with mass is taken
+    (never a zero-probability one).
+    """
+    probs = log_dist.exp()
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (uniforms.unsqueeze(-1) * cdf[:, -1:]).contiguous(), right=True)
+    token = token.squeeze(-1)
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last_with_mass = torch.where(probs > 0, positions, -1).max(-1).values
+    return torch.where(token >= probs.shape[-1], last_with_mass, token)
+
+
 class DecodeLoop(RolloutBackend):
     """A hand-written decode loop over a Hugging Face model's KV cache.
 
     Lighter than ``generate``: no logits processors, logits for the last position only, and
     per-row seeded draws. Stops when every row has emitted EOS.
+
+    ``vocab_size`` is the number of real tokens: models pad their logit rows past the
+    tokenizer (the tiny presets have 32 rows for 18 tokens, Qwen 151,936 for 151,665), and an
+    id past the tokenizer decodes to nothing, so it could pad a right answer invisibly. Those
+    rows are never sampled (nor chosen greedily); ``policy.completion_logprobs`` drops them too,
+    so behaviour and training log-probs are over the same distribution.
     """
 
-    def __init__(self, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(self, eos_token_id: int, pad_token_id: int, vocab_size: int | None = None) -> None:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.vocab_size = vocab_size
 
     @torch.no_grad()
     def generate(
@@ -108,32 +132,33 @@ class DecodeLoop(RolloutBackend):
         distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
         width = prompt_ids.shape[1]
         cache = DynamicCache()
+        # transformers >= 5.23 names it ``cache`` (``past_key_values`` goes in 5.40); older
+        # releases and remote-code models only know ``past_key_values``
+        cache_arg = {cache_kwarg(model): cache}
         out = model(
             input_ids=distinct[:, :width],
             attention_mask=distinct[:, width:] if padded else None,
             position_ids=position_ids(distinct[:, width:]) if padded else None,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_arg,
         )
         cache.reorder_cache(row_of)  # distinct rows come sorted: always map back to row order
-        logits = out.logits[row_of, -1].float()
+        vocab = slice(0, self.vocab_size)  # real tokens only
+        logits = out.logits[row_of, -1, vocab].float()
         next_position = position_ids(mask)[:, -1:] + 1
         tokens, logprobs = [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for t in range(params.max_new_tokens):
             if t > 0:
-                logits = out.logits[:, -1].float()
+                logits = out.logits[:, -1, vocab].float()
             if greedy:
                 token = logits.argmax(-1)
                 logp = torch.zeros(rows, device=device)
             else:
                 logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
                 log_dist = torch.log_softmax(logits, dim=-1)
-                cdf = log_dist.exp().cumsum(-1)
-                # inverse-CDF draw: the first token whose cumulative mass exceeds u
-                token = torch.searchsorted(cdf, (uniforms[:, t : t + 1] * cdf[:, -1:]).contiguous())
-                token = token.squeeze(-1).clamp(max=logits.shape[-1] - 1)
+                token = sample_tokens(log_dist, uniforms[:, t])
                 logp = log_dist.gather(-1, token.unsqueeze(-1)).squeeze(-1)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
@@ -146,8 +171,8 @@ class DecodeLoop(RolloutBackend):
                 input_ids=token.unsqueeze(-1),
                 attention_mask=mask if padded else None,
                 position_ids=next_position if padded else None,
-                past_key_values=cache,
                 use_cache=True,
+                **cache_arg,
             )
             next_position = next_position + 1
         completion_ids = torch.stack(tokens, dim=1)

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlbench.checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT
 from rlbench.config import RunConfig, dump_yaml
 from rlbench.errors import RLBenchError
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
+#: What a run writes before its first checkpoint: a directory holding only these (and its
+#: ``config.yaml``) is a run that stopped before it saved anything, safe to start again.
+EARLY_FILES = ("config.yaml", "csv", "mlflow_run_id", CHECKPOINT_DIR)
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 def quiet_libraries() -> None:
-    """Keeps library chatter (download bars, tips) out of a run's output."""
+    """Keeps library chatter (download bars, tips) out of a run's output.
+
+    Process-wide: ``train`` calls it inside ``process_state_scope``, which undoes it.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
     import warnings
 
     for message in (
         r".*LeafSpec.*",  # Lightning 2.6 on torch 2.13: internal deprecation, not actionable
-        r"Using ModelCheckpoint with manual optimization.*",  # we save after the update on purpose
         r"Found .* module\(s\) in eval mode.*",
     ):
         warnings.filterwarnings("ignore", message=message)
@@ -33,8 +41,55 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def process_state_scope(num_threads: int) -> Iterator[None]:
+    """Runs a block with the process-wide state a run changes, and restores it afterwards:
+    torch's thread count, warning filters, global RNGs (``seed_everything``), the environment
+    variables Lightning and tokenizers set, and library log levels. So runs made one after
+    another in one process (``compare``, ``sweep``, tests) do not leak into each other."""
+    import logging
+    import random
+    import warnings
+
+    import numpy as np
+    import torch
+    import transformers
+
+    hf_logging = transformers.utils.logging
+    variables = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TOKENIZERS_PARALLELISM")
+    saved_env = {name: os.environ.get(name) for name in variables}
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    saved_levels = [logger.level for logger in loggers]
+    saved_hf = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    saved_threads = torch.get_num_threads()
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    saved_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        with warnings.catch_warnings():
+            quiet_libraries()
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        if saved_cuda_rng is not None:
+            torch.cuda.set_rng_state_all(saved_cuda_rng)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for logger, level in zip(loggers, saved_levels):
+            logger.setLevel(level)
+        hf_logging.set_verbosity(saved_hf[0])
+        (hf_logging.enable_progress_bar if saved_hf[1] else hf_logging.disable_progress_bar)()
 
 
 def is_launcher_process() -> bool:
@@ -46,12 +101,35 @@ def is_launcher_process() -> bool:
     return all(int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+def stopped_before_first_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a run that ended (crash, kill) before it saved any checkpoint:
+    its ``config.yaml`` and early logs, no checkpoint, no summary. Nothing in it is worth
+    keeping, and the run can only start again."""
+    names = {p.name for p in out.iterdir()}
+    checkpoints = out / CHECKPOINT_DIR
+    return (
+        "config.yaml" in names
+        and names <= set(EARLY_FILES)
+        and not (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+    )
+
+
 def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to overwrite or to resume nothing."""
+    """The checkpoint to resume from, or None; refuses to overwrite or to resume nothing.
+
+    A directory left by a run that stopped before its first checkpoint is cleared and started
+    again (with or without ``--resume``): it holds no finished work.
+    """
     out = Path(config.output_dir)
     last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not is_launcher_process():  # rank 0 has checked, and has already started writing
-        return last if resume else None
+        return last if resume and last.is_file() else None
+    if out.is_dir() and any(out.iterdir()) and stopped_before_first_checkpoint(out):
+        print(f"output_dir={str(out)!r}: its run stopped before the first checkpoint; starting it again")
+        for name in EARLY_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
     if resume and not last.is_file():
         raise RLBenchError(f"--resume: no checkpoint at {str(last)!r}; start the run without --resume")
     if resume and not zipfile.is_zipfile(last):  # torch.save writes a zip archive
@@ -72,15 +150,21 @@ def train(
 ) -> dict[str, Any]:
     """Warm start (cached) -> RL training -> final eval. Returns the run's summary.
 
-    ``callbacks`` are extra Lightning callbacks (benchmark timers, sweep pruners).
+    ``callbacks`` are extra Lightning callbacks (benchmark timers, sweep pruners). Process-wide
+    state the run changes (threads, RNGs, warning filters) is restored when it returns.
     """
     checkpoint = check_run_dir(config, resume)
-    quiet_libraries()
+    with process_state_scope(config.trainer.num_threads):
+        return _train(config, checkpoint, progress_bar, callbacks or [])
+
+
+def _train(
+    config: RunConfig, checkpoint: Path | None, progress_bar: bool, callbacks: list[Any]
+) -> dict[str, Any]:
     import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+    from rlbench.checkpoints import RolloutStepCheckpoint
     from rlbench.data import StepTicks
     from rlbench.module import RLModule
     from rlbench.registry import TASKS
@@ -94,37 +178,36 @@ def train(
     )
     from rlbench.warmstart import base_model_path, warm_start
 
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
+    resume = checkpoint is not None
     started = time.perf_counter()
     if config.warmstart.enabled:
         # rank 0 builds (or finds) it before the other processes start, so they find it cached
         model_path, info = warm_start(config, quiet=not progress_bar)
-        print(f"warm start: {model_path} (eval accuracy {info['accuracy']:.3f} after {info['steps']} steps)")
+        print(
+            f"warm start: {model_path} (validation accuracy {info['accuracy']:.3f} after "
+            f"{info['steps']} steps)"
+        )
     else:
         model_path = base_model_path(config, TASKS.get(config.task.name)(config.task.options))
     out = Path(config.output_dir)
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
     loggers = build_loggers(config, resume)  # builds objects only: nothing is written yet
-    checkpoints = ModelCheckpoint(
-        dirpath=out / CHECKPOINT_DIR,
-        filename="step-{step}",
-        every_n_train_steps=config.trainer.checkpoint_every,
-        save_top_k=1,
-        monitor=None,
-        save_last=True,
-    )
+    max_steps = config.trainer.max_steps
+    checkpoints = RolloutStepCheckpoint(out / CHECKPOINT_DIR, config.trainer.checkpoint_every, max_steps)
     try:
         trainer = pl.Trainer(
-            max_steps=config.trainer.max_steps,
+            # the module stops at max_steps rollout steps; Lightning counts optimiser steps, at
+            # most mu per rollout step, so this bound never cuts a run short
+            max_steps=max_steps * module.algorithm.passes_per_batch,
             accelerator=config.trainer.accelerator,
             devices=config.trainer.devices,
             num_nodes=config.trainer.num_nodes,
             strategy=config.trainer.strategy,
             precision=config.trainer.precision,
             logger=loggers,
-            callbacks=[checkpoints, *(callbacks or [])],
+            callbacks=[checkpoints, *callbacks],
+            enable_checkpointing=False,  # RolloutStepCheckpoint saves, on the rollout-step clock
             plugins=[atomic_checkpoint_io()],
             log_every_n_steps=1,
             enable_model_summary=False,
@@ -154,7 +237,8 @@ def train(
         "output_dir": str(out),
         "algorithm": config.algorithm.name,
         "task": config.task.name,
-        "steps": trainer.global_step,
+        "steps": module.rollout_step,
+        "optimizer_steps": trainer.global_step,
         "accuracy_before": history[0][1] if history else None,
         "accuracy_after": history[-1][1] if history else None,
         "eval_history": history,

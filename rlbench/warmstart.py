@@ -1,10 +1,14 @@
 """Supervised warm start: a shared starting checkpoint for every algorithm of a comparison.
 
 A tiny model from scratch solves nothing, so RL has no signal. The warm start fine-tunes the
-configured model on the task's demonstrations (a Lightning run) until its greedy eval accuracy
-reaches ``warmstart.target_accuracy`` -- non-zero but clearly imperfect -- and saves it with
-``save_pretrained``. The result is cached under a hash of everything that shapes it, so every
-algorithm, seed sweep and rerun with the same model and task starts from the same weights.
+configured model on the task's demonstrations (a Lightning run) until its greedy accuracy on a
+*validation slice of the train split* reaches ``warmstart.target_accuracy`` -- non-zero but
+clearly imperfect -- and saves it with ``save_pretrained``. The validation prompts are held out
+of the demonstrations, and the eval split is never looked at: it is only ever used to report
+accuracy, so the starting point is not selected on the test set. The result is cached under a
+hash of everything that shapes it (built once even when several processes ask at the same
+time), so every algorithm, seed sweep and rerun with the same model and task starts from the
+same weights.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from rlbench.cache import build_once
 from rlbench.config import RunConfig, config_hash
-from rlbench.data import PromptSource, StepTicks
+from rlbench.data import StepTicks
+from rlbench.errors import RLBenchError
 from rlbench.evaluation import greedy_accuracy
-from rlbench.policy import load_policy, position_ids, resolve_model_path
+from rlbench.policy import load_policy, position_ids, real_vocab_size, resolve_model_path
 from rlbench.registry import TASKS
 from rlbench.rollout import BACKENDS, derive_seed
-from rlbench.task import Task
+from rlbench.task import Prompt, Task
 
-_DEMOS = 7  # seed salt of the demonstration stream
+_DEMOS, _VALIDATION = 7, 8  # seed salts of the demonstration stream and the validation slice
 INFO_FILE = "warmstart.json"
 
 
@@ -35,7 +41,6 @@ def warmstart_dir(config: RunConfig) -> Path:
         config.task,
         {k: v for k, v in vars(ws).items() if k != "cache_dir"},
         config.seed,
-        config.eval.num_prompts,
         config.rollout.max_new_tokens,
     )
     return Path(ws.cache_dir) / f"{config.task.name}-{config.model.name_or_path.replace('/', '_')}-{key}"
@@ -50,50 +55,72 @@ def base_model_path(config: RunConfig, task: Task) -> str:
 def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, Any]]:
     """The warm-start checkpoint's directory and its info (accuracy, steps), built if not cached."""
     directory = warmstart_dir(config)
-    info_file = directory / INFO_FILE
-    if info_file.is_file():
-        return str(directory), json.loads(info_file.read_text())
-    task = TASKS.get(config.task.name)(config.task.options)
-    model, tokenizer = load_policy(
-        base_model_path(config, task), config.model.dtype, config.model.trust_remote_code
+
+    def build(tmp: Path) -> None:
+        task = TASKS.get(config.task.name)(config.task.options)
+        model, tokenizer = load_policy(
+            base_model_path(config, task), config.model.dtype, config.model.trust_remote_code
+        )
+        module = WarmStartModule(model, tokenizer, task, config)
+        trainer = pl.Trainer(
+            max_steps=config.warmstart.max_steps,
+            accelerator=config.trainer.accelerator,
+            devices=1,
+            precision=config.trainer.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=not quiet,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, train_dataloaders=StepTicks())
+        step, accuracy = module.history[-1]
+        info = {
+            "accuracy": accuracy,  # on the validation slice of the train split
+            "validation_prompts": len(module.validation_prompts),
+            "steps": step,
+            "history": module.history,
+            "base_model": config.model.name_or_path,
+        }
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+
+    build_once(directory, build, complete=lambda d: (d / INFO_FILE).is_file())
+    return str(directory), json.loads((directory / INFO_FILE).read_text())
+
+
+def validation_prompts(task: Task, config: RunConfig) -> list[Prompt]:
+    """The warm start's validation slice: fixed prompts of the *train* split, by seed."""
+    n = config.warmstart.validation_prompts
+    return task.prompts("train", n, derive_seed(config.seed, _VALIDATION))
+
+
+def held_out_demonstrations(task: Task, n: int, seed: int, held_out: set[str]) -> list[tuple[str, str]]:
+    """``n`` demonstrations whose prompts are not in ``held_out`` (the validation slice)."""
+    demos: list[tuple[str, str]] = []
+    for attempt in range(64):
+        draw = task.demonstrations(n, seed if attempt == 0 else derive_seed(seed, attempt))
+        demos += [demo for demo in draw if demo[0] not in held_out]
+        if len(demos) >= n:
+            return demos[:n]
+    raise RLBenchError(
+        f"warmstart.validation_prompts={len(held_out)} is invalid: the task's train split has too "
+        f"few other prompts to draw {n} demonstrations from; lower warmstart.validation_prompts"
     )
-    module = WarmStartModule(model, tokenizer, task, config)
-    trainer = pl.Trainer(
-        max_steps=config.warmstart.max_steps,
-        accelerator=config.trainer.accelerator,
-        devices=1,
-        precision=config.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=not quiet,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=StepTicks())
-    step, accuracy = module.history[-1]
-    info = {
-        "accuracy": accuracy,
-        "steps": step,
-        "history": module.history,
-        "base_model": config.model.name_or_path,
-    }
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    tmp.replace(directory)  # the cache entry appears whole or not at all
-    return str(directory), info
 
 
 class WarmStartModule(pl.LightningModule):
-    """Next-token loss on the completion tokens of demonstrations; stops at the target accuracy."""
+    """Next-token loss on the completion tokens of demonstrations; stops when greedy accuracy on
+    the validation slice (held out of the demonstrations) reaches the target."""
 
     def __init__(self, model: Any, tokenizer: Any, task: Task, config: RunConfig) -> None:
         super().__init__()
         self.model, self.tokenizer, self.task, self.config = model.train(), tokenizer, task, config
-        self.eval_prompts = PromptSource(task, config.rollout.prompts_per_step, config.seed).eval_prompts(
-            config.eval.num_prompts
+        self.validation_prompts = validation_prompts(task, config)
+        self.held_out = {p.text for p in self.validation_prompts}
+        self.backend = BACKENDS[config.rollout.backend](
+            tokenizer.eos_token_id, tokenizer.pad_token_id, real_vocab_size(tokenizer, model)
         )
-        self.backend = BACKENDS[config.rollout.backend](tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.history: list[tuple[int, float]] = []
 
     def configure_optimizers(self) -> Any:
@@ -101,8 +128,8 @@ class WarmStartModule(pl.LightningModule):
 
     def training_step(self, tick: Any, batch_idx: int) -> torch.Tensor:
         ws = self.config.warmstart
-        demos = self.task.demonstrations(
-            ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step)
+        demos = held_out_demonstrations(
+            self.task, ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step), self.held_out
         )
         input_ids, mask, labels = encode_demonstrations(self.tokenizer, demos, self.device)
         out = self.model(
@@ -119,7 +146,7 @@ class WarmStartModule(pl.LightningModule):
             self.model,
             self.tokenizer,
             self.task,
-            self.eval_prompts,
+            self.validation_prompts,
             self.backend,
             self.config.rollout.max_new_tokens,
         )

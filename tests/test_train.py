@@ -104,17 +104,16 @@ def module_for(config) -> RLModule:
 def test_reward_of_wrong_length_is_refused(make_config):
     module = module_for(make_config("task.name=test-short-rewards"))
     with pytest.raises(RewardError, match="returned 15 values for 16 completions"):
-        module.sample(module.source.batch(0))
+        module.rollouts.sample(module.policy, module.rollouts.source.batch(0))
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(make_config):
     config = make_config("task.name=test-coin", "algorithm.dynamic_sampling=true", "algorithm.group_size=2")
     module = module_for(config)
-    batch, metrics = module.collect(step=0)
+    batch, first, metrics = module.rollouts.collect(module.policy, step=0)
     groups = batch.rewards.view(-1, 2)
     assert len(batch) == 8 and metrics["train/kept_groups"] == 4
     assert bool((groups[:, 0] != groups[:, 1]).all())  # every kept group carries a learning signal
-    first, _ = module.sample(module.source.batch(0))
     assert bool(
         (first.rewards.view(-1, 2)[:, 0] == first.rewards.view(-1, 2)[:, 1]).any()
     )  # some were dropped

@@ -1,0 +1,194 @@
+"""On-policy experience: a step's prompts -> sampled groups -> verified rewards -> a rollout batch.
+
+The Lightning module is handed a ``RolloutCollector`` and asks it for one step's batch. The
+collector owns everything about where experience comes from: which prompts a step sees, the
+sampler and its seeds, scoring with the task's verifier, and the algorithm's choice of which
+groups to keep (DAPO's dynamic sampling).
+
+Under data parallelism every process samples its share of the prompts, but the choice of
+groups is global: the processes exchange their keep decisions and each trains on its own
+share of exactly the groups a single process would keep. So a run's result does not depend
+on the number of processes, even when the processes end up with different numbers of groups
+(the module then pads the short ones with zero-weight micro-batches, so every process makes
+the same number of backward passes and DDP's all-reduces stay matched).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlbench.algorithm import Algorithm, RolloutBatch
+from rlbench.data import PromptBatch, PromptSource
+from rlbench.errors import RewardError
+from rlbench.evaluation import decode_completions, encode_prompts, special_token_rows
+from rlbench.policy import inference_mode
+from rlbench.rollout import RolloutBackend, SamplingParams, cat_padded, concat_rollouts
+from rlbench.task import Task
+
+#: ``gather(t)``: the ``[n]`` tensors of every process stacked in rank order, ``[world * n]``.
+Gather = Callable[[Tensor], Tensor]
+
+
+class RolloutCollector:
+    """Samples, scores and selects the groups of one rollout step (this process's share)."""
+
+    def __init__(
+        self,
+        task: Task,
+        task_name: str,
+        algorithm: Algorithm,
+        source: PromptSource,
+        backend: RolloutBackend,
+        sampling: SamplingParams,
+        tokenizer: Any,
+        micro_batch_size: int,
+    ) -> None:
+        self.task = task
+        self.task_name = task_name
+        self.algorithm = algorithm
+        self.source = source
+        self.backend = backend
+        self.sampling = sampling
+        self.tokenizer = tokenizer
+        self.micro_batch_size = micro_batch_size
+
+    def collect(
+        self, policy: nn.Module, step: int, rank: int = 0, world: int = 1, gather: Gather | None = None
+    ) -> tuple[RolloutBatch, RolloutBatch, dict[str, float]]:
+        """``(batch, first, metrics)``: the groups to train on, the step's first sample as drawn
+        (metrics describe it), and those metrics.
+
+        With resampling, rejected groups are replaced by groups of fresh prompts, round after
+        round, until ``prompts_per_step`` groups are kept over all processes: the first ones in
+        (round, prompt position) order, as one process would keep them. ``batch`` may hold any
+        number of this process's groups, none included.
+        """
+        G = self.algorithm.group_size
+        wanted = self.source.prompts_per_step
+        first, metrics = self.sample(policy, self.source.batch(step, 0, rank, world))
+        kept: list[RolloutBatch] = []
+        total = 0  # groups kept so far by all processes
+        for round_ in range(self.algorithm.max_resample_rounds + 1):
+            prompts = self.source.batch(step, round_, rank, world)
+            part = first if round_ == 0 else self.sample(policy, prompts)[0]
+            keep = self.algorithm.keep_groups(part.rewards.view(-1, G).cpu()).bool()
+            everyone = keep if gather is None or world == 1 else gather(keep.long()).cpu().bool()
+            ahead = total + int(everyone[: rank * len(keep)].sum())  # kept by lower ranks this round
+            # a kept group's place among all kept groups; only the first ``wanted`` are used
+            place = ahead + keep.long().cumsum(0)
+            mine = keep & (place <= wanted)
+            if bool(mine.any()):
+                rows = mine.repeat_interleave(G).nonzero().squeeze(-1).to(part.rewards.device)
+                kept.append(part.rows(rows))
+            total += int(everyone.sum())
+            if total >= wanted:
+                break
+        if total == 0:
+            # No group left anywhere (e.g. every reward equal): train on the first sample as
+            # drawn; its advantages are zero, so only regularisers (KL) move the policy.
+            batch = first
+        elif kept:
+            batch = concat_batches(kept, self.tokenizer.pad_token_id)
+        else:
+            batch = first.rows(slice(0, 0))
+        metrics["train/kept_groups"] = len(batch) / G
+        return batch, first, metrics
+
+    def sample(self, policy: nn.Module, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """``G`` completions per prompt and their rewards; metrics describe this sample."""
+        G = self.algorithm.group_size
+        repeated = [p for p in prompts.prompts for _ in range(G)]  # row i * G + j: prompt i
+        texts = [p.text for p in repeated]
+        device = next(policy.parameters()).device
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device)
+        seeds = self.source.completion_seeds(prompts, G)
+        started = time.perf_counter()
+        # eval mode: the sampling policy is the one the loss scores as pi_old (no dropout)
+        with inference_mode(policy):
+            rollout = concat_rollouts(
+                [
+                    self.backend.generate(
+                        policy, prompt_ids[rows], prompt_mask[rows], seeds[rows], self.sampling
+                    )
+                    for rows in micro_batches(len(texts), self.micro_batch_size)
+                ],
+                self.tokenizer.pad_token_id,
+            )
+        generate_s = time.perf_counter() - started
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        completions = decode_completions(self.tokenizer, ids, mask)
+        invalid = special_token_rows(self.tokenizer, ids, mask)
+        rewards = self.score(repeated, completions, device).masked_fill(invalid.to(device), 0.0)
+        grouped = rewards.view(-1, G)
+        lengths = mask.sum(-1)
+        distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
+        metrics = {
+            "train/reward_mean": rewards.mean().item(),
+            "train/reward_std": rewards.std(unbiased=False).item(),
+            "train/reward_group_std": grouped.std(-1, unbiased=False).mean().item(),
+            "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values)
+            .float()
+            .mean()
+            .item(),
+            "train/special_token_frac": invalid.float().mean().item(),
+            "train/completion_len": lengths.mean().item(),
+            "train/distinct_completions": sum(distinct) / len(distinct),
+            "perf/rollout_tokens_per_s": lengths.sum().item() / max(generate_s, 1e-9),
+            "perf/rollout_s": generate_s,
+        }
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=ids,
+            completion_mask=mask,
+            behaviour_logprobs=rollout.logprobs,
+            rewards=rewards,
+            group_size=G,
+        )
+        return batch, metrics
+
+    def score(self, prompts: list[Any], completions: list[str], device: torch.device) -> Tensor:
+        """The task's rewards as a ``[B]`` float tensor; a malformed answer is a ``RewardError``."""
+        rewards = self.task.rewards(prompts, completions)
+        name = self.task_name
+        if not isinstance(rewards, (list, tuple)):
+            raise RewardError(
+                f"task {name!r}: rewards() returned a {type(rewards).__name__}; it must return a list "
+                f"of {len(completions)} floats, one per completion"
+            )
+        if len(rewards) != len(completions):
+            raise RewardError(
+                f"task {name!r}: rewards() returned {len(rewards)} values for {len(completions)} completions"
+            )
+        bad = [r for r in rewards if isinstance(r, bool) or not isinstance(r, (int, float))]
+        if bad:
+            raise RewardError(
+                f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats"
+            )
+        return torch.tensor(rewards, dtype=torch.float32, device=device)
+
+
+def micro_batches(rows: int, size: int) -> list[slice]:
+    """Row slices of at most ``size`` rows (``size`` 0: one slice of everything; none if no rows)."""
+    size = size or rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)] if rows else []
+
+
+def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """Stacks rollout batches, left-padding prompts and right-padding completions to a common width."""
+    if len(batches) == 1:
+        return batches[0]
+    return RolloutBatch(
+        prompt_ids=cat_padded([b.prompt_ids for b in batches], pad_token_id, left=True),
+        prompt_mask=cat_padded([b.prompt_mask for b in batches], 0, left=True),
+        completion_ids=cat_padded([b.completion_ids for b in batches], pad_token_id),
+        completion_mask=cat_padded([b.completion_mask for b in batches], 0),
+        behaviour_logprobs=cat_padded([b.behaviour_logprobs for b in batches], 0),
+        rewards=torch.cat([b.rewards for b in batches]),
+        group_size=batches[0].group_size,
+    )
