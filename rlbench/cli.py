@@ -114,8 +114,11 @@ def run_command(args: argparse.Namespace) -> int:
         print(format_report(dry_run(config)))
         return 0
     from rlbench.run import train
+    from rlbench.stopping import install_sigterm_watchdog
 
-    summary = train(config, resume=args.resume, progress_bar=not args.no_progress)
+    # SIGTERM must end the run even while a DDP collective blocks the main thread
+    watchdog = install_sigterm_watchdog()
+    summary = train(config, resume=args.resume, progress_bar=not args.no_progress, watchdog=watchdog)
     print(
         f"eval accuracy: {summary['accuracy_before']:.3f} before -> {summary['accuracy_after']:.3f} after "
         f"{summary['steps']} steps ({summary['wall_s']:.0f} s); run directory {summary['output_dir']}"

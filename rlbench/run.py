@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 import zipfile
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 from rlbench.checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT
 from rlbench.config import RunConfig, dump_yaml
 from rlbench.errors import RLBenchError
+from rlbench.stopping import SigtermWatchdog
 
 #: What a run writes before its first checkpoint: a directory holding only these (and its
 #: ``config.yaml``) is a run that stopped before it saved anything, safe to start again.
@@ -92,6 +94,24 @@ def process_state_scope(num_threads: int) -> Iterator[None]:
         (hf_logging.enable_progress_bar if saved_hf[1] else hf_logging.disable_progress_bar)()
 
 
+def kill_other_ranks(trainer: Any) -> None:
+    """SIGKILLs the processes this one launched (Lightning's DDP ranks), if any: a forced stop
+    cannot wait for ranks that may be stuck in the same collective."""
+    launcher = trainer.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):
+        launcher.kill(signal.SIGKILL)
+
+
+def mark_mlflow_runs(loggers: list[Any], status: str) -> None:
+    """Ends the run's MLflow run with ``status`` (from another thread: a new client)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger) and logger.run_id:
+            MlflowClient(logger._tracking_uri).set_terminated(logger.run_id, status)
+
+
 def is_launcher_process() -> bool:
     """Whether this is rank 0 (or a single-process run).
 
@@ -146,20 +166,31 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path | None:
 
 
 def train(
-    config: RunConfig, resume: bool = False, progress_bar: bool = True, callbacks: list[Any] | None = None
+    config: RunConfig,
+    resume: bool = False,
+    progress_bar: bool = True,
+    callbacks: list[Any] | None = None,
+    watchdog: SigtermWatchdog | None = None,
 ) -> dict[str, Any]:
     """Warm start (cached) -> RL training -> final eval. Returns the run's summary.
 
     ``callbacks`` are extra Lightning callbacks (benchmark timers, sweep pruners). Process-wide
-    state the run changes (threads, RNGs, warning filters) is restored when it returns.
+    state the run changes (threads, RNGs, warning filters) is restored when it returns. With a
+    SIGTERM ``watchdog`` (the CLI installs one), a run stuck in a collective still ends on
+    SIGTERM: other ranks are killed and the MLflow run is marked KILLED; checkpoints are
+    written atomically, so the last one is intact for ``--resume``.
     """
     checkpoint = check_run_dir(config, resume)
     with process_state_scope(config.trainer.num_threads):
-        return _train(config, checkpoint, progress_bar, callbacks or [])
+        return _train(config, checkpoint, progress_bar, callbacks or [], watchdog)
 
 
 def _train(
-    config: RunConfig, checkpoint: Path | None, progress_bar: bool, callbacks: list[Any]
+    config: RunConfig,
+    checkpoint: Path | None,
+    progress_bar: bool,
+    callbacks: list[Any],
+    watchdog: SigtermWatchdog | None,
 ) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -231,6 +262,10 @@ def _train(
             module.logged_steps = logged_steps(loggers)
         if config.logging.mlflow:
             print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
+    if watchdog is not None:
+        watchdog.on_forced_stop(lambda: kill_other_ranks(trainer))
+        if is_launcher_process():
+            watchdog.on_forced_stop(lambda: mark_mlflow_runs(loggers, "KILLED"))
     trainer.fit(module, train_dataloaders=StepTicks(), ckpt_path=str(checkpoint) if checkpoint else None)
     history = module.eval_history
     summary = {

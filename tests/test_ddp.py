@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,9 @@ RLBENCH = str(Path(sys.executable).parent / "rlbench")
 CONFIG = Path(__file__).parents[1] / "configs" / "grpo_addition.yaml"
 
 
-def run_cli(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, torch.Tensor], dict]:
+def run_cli(
+    tmp_path: Path, name: str, *overrides: str, timeout: float = 600
+) -> tuple[dict[str, torch.Tensor], dict]:
     out = tmp_path / name
     cmd = [
         RLBENCH,
@@ -35,9 +40,18 @@ def run_cli(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, torch
         "optim.lr=1e-3",
         *overrides,
     ]
-    # DDP re-runs the command per process: as a subprocess of the CLI, not of pytest
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # DDP re-runs the command per process: as a subprocess of the CLI, not of pytest. Its own
+    # session, so a hung run's other ranks are killed with it instead of outliving the test.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{name}: no result after {timeout} s (hung?)")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     return state, json.loads((out / "summary.json").read_text())
 
@@ -64,3 +78,32 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path):
+    """Issue 13 (5): with dynamic sampling and no refills, the processes keep different numbers
+    of groups; each backward is an all-reduce, so unequal micro-batch counts used to hang the
+    run before its first step. Now the processes select the groups one process would, pad with
+    zero-weight micro-batches, and end with the 1-process parameters."""
+    common = (
+        "algorithm.dynamic_sampling=true",
+        "algorithm.max_resample_rounds=0",
+        "rollout.prompts_per_step=8",
+        "train.micro_batch_size=4",
+        "algorithm.beta=0",
+    )
+    one, one_summary = run_cli(tmp_path, "one", *common, timeout=300)
+    two, two_summary = run_cli(
+        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=300
+    )
+    assert two_summary["steps"] == one_summary["steps"] == 3
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, atol=1e-5), name
+    kept = [kept_groups(tmp_path / run) for run in ("one", "two")]
+    assert kept[0] == kept[1] and min(kept[0]) < 8  # groups were dropped, the same ones
+
+
+def kept_groups(run: Path) -> list[float]:
+    rows = csv.DictReader((run / "csv" / "metrics.csv").open())
+    return [float(r["train/kept_groups"]) for r in rows if r.get("train/kept_groups")]
