@@ -21,7 +21,7 @@ def test_grpo_raises_addition_accuracy_from_the_warm_start(tmp_path: Path):
         [
             f"output_dir={tmp_path / 'grpo'}",
             f"warmstart.cache_dir={tmp_path / 'warmstart'}",
-            "trainer.max_steps=100",
+            "trainer.max_steps=150",
             "logging.mlflow=false",
         ],
     )
@@ -35,5 +35,7 @@ def test_grpo_raises_addition_accuracy_from_the_warm_start(tmp_path: Path):
     summary = train(config, progress_bar=False)
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     print(f"GRPO on 2-digit addition: eval accuracy {before:.3f} -> {after:.3f} in {summary['wall_s']:.0f} s")
-    assert before == pytest.approx(info["accuracy"])  # RL starts exactly from the warm start
+    # RL starts from the warm start, selected on a validation slice of train: the eval split
+    # (reported here) never chose it, so its accuracy is close to, not equal to, the validation one
+    assert summary["model_path"] == path and abs(before - info["accuracy"]) < 0.1
     assert after - before >= 0.15, summary["eval_history"]
