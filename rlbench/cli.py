@@ -22,7 +22,7 @@ def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None
 
 
 def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
-    from rlbench.config import help_text
+    from rlbench.config_help import help_text
 
     parser = argparse.ArgumentParser(
         prog="rlbench", description="RL fine-tuning benchmarks for language models."
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from rlbench.config import dump_yaml, help_text, load_config
+    from rlbench.config import dump_yaml, load_config
+    from rlbench.config_help import help_text
 
     if args.command == "list":
         from rlbench.policy import PRESETS

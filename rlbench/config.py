@@ -2,7 +2,7 @@
 
 Every field is validated when the file is loaded (type, range, known name), so a bad value
 fails before any model is built, with a message that names the field, the value and what is
-allowed. Field docs are the attribute docstrings below; ``describe`` turns them into the
+allowed. Field docs are the attribute docstrings below; ``config_help.describe`` turns them into the
 CLI's help, so they are the single source of documentation for every option.
 
 The ``task`` and ``algorithm`` sections hold a ``name`` plus the options of that plug-in's own
@@ -11,18 +11,14 @@ The ``task`` and ``algorithm`` sections hold a ``name`` plus the options of that
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
-import textwrap
 import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -507,66 +503,6 @@ def config_hash(*sections: Any) -> str:
 
     blob = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- documentation
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted name, default, doc)`` for every field of ``cls``, nested sections included."""
-    rows: list[tuple[str, str, str]] = []
-    docs = field_docs(cls)
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(instance, f.name)
-        if isinstance(value, PluginConfig):
-            continue
-        if dataclasses.is_dataclass(value):
-            rows += describe(type(value), f"{prefix}{f.name}.")
-        else:
-            rows.append((f"{prefix}{f.name}", json.dumps(value, default=str), docs.get(f.name, "")))
-    return rows
-
-
-def help_text() -> str:
-    """Every config field with its default and doc: core sections, then each plug-in."""
-    lines = ["Run config fields (YAML sections, or dotted.key=value overrides):", ""]
-
-    def emit(rows: list[tuple[str, str, str]]) -> None:
-        for name, default, doc in rows:
-            lines.append(f"  {name} = {default}")
-            lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))
-
-    emit(describe(RunConfig))
-    for section, registry in (("task", TASKS), ("algorithm", ALGORITHMS)):
-        for name, plugin in registry:
-            lines += ["", f"{section}.name = {name!r} (options of {registry.kind} {name!r}):"]
-            emit(describe(plugin.Config, f"{section}."))
-    return "\n".join(lines)
 
 
 def dump_yaml(config: RunConfig) -> str:

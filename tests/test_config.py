@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from rlbench.cli import main
-from rlbench.config import RunConfig, describe, field_docs, help_text, load_config
+from rlbench.config import RunConfig, load_config
+from rlbench.config_help import describe, field_docs, help_text
 from rlbench.errors import ConfigError, RLBenchError
 
 
