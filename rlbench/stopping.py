@@ -70,15 +70,18 @@ class SigtermWatchdog:
             return
         _require_main_thread("SigtermWatchdog.uninstall")
         self._installed = False
-        # Put back only what is still ours; a handler installed after us is its owner's business.
-        if signal.getsignal(signal.SIGTERM) == self._handle_sigterm:
-            previous = self._previous_handler
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        self._restore_handler()
         current_wakeup_fd = signal.set_wakeup_fd(self._previous_wakeup_fd, warn_on_full_buffer=False)
         if current_wakeup_fd != self._write_fd:
             signal.set_wakeup_fd(current_wakeup_fd, warn_on_full_buffer=False)
         # The reader sees end-of-file and returns; it owns the read end and closes it.
         os.close(self._write_fd)
+
+    def _restore_handler(self) -> None:
+        # Put back only what is still ours; a handler installed after us is its owner's business.
+        if signal.getsignal(signal.SIGTERM) == self._handle_sigterm:
+            previous = self._previous_handler
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def _install(self) -> None:
         self._previous_handler = signal.signal(signal.SIGTERM, self._handle_sigterm)
@@ -133,9 +136,7 @@ class SigtermWatchdog:
         if not self._installed:
             return
         self._installed = False
-        if signal.getsignal(signal.SIGTERM) == self._handle_sigterm:
-            previous = self._previous_handler
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        self._restore_handler()
         signal.set_wakeup_fd(self._previous_wakeup_fd, warn_on_full_buffer=False)
         os.close(self._read_fd)
         os.close(self._write_fd)
