@@ -40,6 +40,18 @@ def special_token_rows(tokenizer: object, completion_ids: Tensor, completion_mas
     return (is_special & (completion_mask > 0)).any(-1)
 
 
+def read_completions(
+    tokenizer: object, completion_ids: Tensor, completion_mask: Tensor
+) -> tuple[list[str], Tensor]:
+    """``(texts, invalid)``: what a verifier reads, and which rows it must not credit.
+
+    The one way rollouts are read for scoring (training rewards and eval alike), so no caller
+    decodes a completion without flagging the special tokens its text hides.
+    """
+    texts = decode_completions(tokenizer, completion_ids, completion_mask)
+    return texts, special_token_rows(tokenizer, completion_ids, completion_mask)
+
+
 def greedy_accuracy(
     model: nn.Module,
     tokenizer: object,
@@ -73,7 +85,8 @@ def greedy_correct(
             ids, mask = encode_prompts(tokenizer, [p.text for p in part], device)
             params = SamplingParams(max_new_tokens, 0.0)
             rollout = backend.generate(model, ids, mask, [0] * len(part), params)
-            texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
-            invalid = special_token_rows(tokenizer, rollout.completion_ids, rollout.completion_mask).tolist()
-            correct += sum(not bad and task.is_correct(p, t) for p, t, bad in zip(part, texts, invalid))
+            texts, invalid = read_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            correct += sum(
+                not bad and task.is_correct(p, t) for p, t, bad in zip(part, texts, invalid.tolist())
+            )
     return correct

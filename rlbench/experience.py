@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from rlbench.algorithm import Algorithm, RolloutBatch
 from rlbench.data import PromptBatch, PromptSource
 from rlbench.errors import RewardError
-from rlbench.evaluation import decode_completions, encode_prompts, special_token_rows
+from rlbench.evaluation import encode_prompts, read_completions
 from rlbench.policy import inference_mode
 from rlbench.rollout import RolloutBackend, SamplingParams, cat_padded, concat_rollouts
 from rlbench.task import Task
@@ -121,8 +121,7 @@ class RolloutCollector:
             )
         generate_s = time.perf_counter() - started
         ids, mask = rollout.completion_ids, rollout.completion_mask
-        completions = decode_completions(self.tokenizer, ids, mask)
-        invalid = special_token_rows(self.tokenizer, ids, mask)
+        completions, invalid = read_completions(self.tokenizer, ids, mask)
         rewards = self.score(repeated, completions, device).masked_fill(invalid.to(device), 0.0)
         grouped = rewards.view(-1, G)
         lengths = mask.sum(-1)
