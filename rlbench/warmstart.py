@@ -104,8 +104,9 @@ def held_out_demonstrations(task: Task, n: int, seed: int, held_out: set[str]) -
         if len(demos) >= n:
             return demos[:n]
     raise RLBenchError(
-        f"warmstart.validation_prompts={len(held_out)} is invalid: the task's train split has too "
-        f"few other prompts to draw {n} demonstrations from; lower warmstart.validation_prompts"
+        f"warmstart.validation_prompts: the validation slice holds {len(held_out)} distinct train "
+        f"prompts, leaving too few others to draw {n} demonstrations from; lower "
+        f"warmstart.validation_prompts (or use a larger task)"
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from rlbench.algorithm import RolloutBatch
 from rlbench.cache import build_once
+from rlbench.errors import RLBenchError
 from rlbench.evaluation import encode_prompts, greedy_correct, special_token_rows
 from rlbench.module import RLModule
 from rlbench.policy import (
@@ -153,6 +154,20 @@ def test_warm_start_selects_on_a_validation_slice_of_train_never_on_eval(make_co
     assert len(demos) == 512 and not {d[0] for d in demos} & validation  # held out of training
 
 
+def test_a_validation_slice_that_leaves_no_demonstrations_is_a_clear_error(make_config):
+    # 1-digit addition: 100 problems, 20 in eval; 2000 validation draws cover all 80 of train
+    config = make_config("task.digits=1", "task.eval_size=20", "warmstart.validation_prompts=2000")
+    task = TASKS.get("arithmetic")(config.task.options)
+    from rlbench.warmstart import validation_prompts
+
+    held_out = {p.text for p in validation_prompts(task, config)}
+    with pytest.raises(
+        RLBenchError,
+        match=r"validation slice holds 80 distinct train prompts.* lower warmstart.validation_prompts",
+    ):
+        held_out_demonstrations(task, 8, 0, held_out)
+
+
 def parse(prompt: Prompt) -> tuple[tuple[int, ...], tuple[str, ...]]:
     a, b = prompt.text.rstrip("=").split("+")
     return (int(a), int(b)), ("+",)
@@ -205,6 +220,15 @@ def test_dropout_is_off_so_sampler_and_loss_see_one_policy(make_config, tmp_path
     first, _ = module.policy_logprobs(batch)
     again, _ = module.policy_logprobs(batch)
     assert torch.equal(first, again)  # training forwards are deterministic: no dropout
+
+
+def test_dropout_stays_in_training_forwards_when_asked(make_config, tmp_path: Path):
+    module = RLModule(make_config("model.disable_dropout=false"), dropout_model(tmp_path))
+    batch, _, _ = module.rollouts.collect(module.policy, 0)
+    module.policy.train()
+    first, _ = module.policy_logprobs(batch)
+    again, _ = module.policy_logprobs(batch)
+    assert not torch.equal(first, again)  # the option is honoured: dropout still acts
 
 
 def run_steps(module: RLModule, steps: int) -> dict[str, float]:
@@ -333,7 +357,7 @@ def test_build_once_builds_once_and_never_exposes_a_partial_entry(tmp_path: Path
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_run_that_died_before_its_first_checkpoint_can_start_again(make_config, resume: bool):
+def test_a_run_that_died_before_its_first_checkpoint_can_start_again(make_config, resume: bool, capsys):
     config = make_config("logging.mlflow=false", "trainer.max_steps=1")
     out = Path(config.output_dir)
     (out / "csv").mkdir(parents=True)
@@ -341,6 +365,7 @@ def test_a_run_that_died_before_its_first_checkpoint_can_start_again(make_config
     (out / "csv" / "metrics.csv").write_text("step,train/loss\n0,123.0\n")
     (out / "mlflow_run_id").write_text("stale")
     summary = train(config, resume=resume, progress_bar=False)
+    assert "its run stopped before the first checkpoint; starting it again" in capsys.readouterr().out
     assert summary["steps"] == 1 and (out / "checkpoints" / "last.ckpt").is_file()
     assert csv_metric(out, "train/loss")[0] != 123.0  # the stale log was not mixed in
 
