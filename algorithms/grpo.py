@@ -38,10 +38,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlbench.algorithm import Algorithm, LossScale, RolloutBatch
+from rlbench.algorithm import Algorithm, AllReduceSum, LossScale, RolloutBatch, single_process
 from rlbench.errors import require
-from rlbench.estimators import KL_ESTIMATORS, group_advantages, kl_estimate
-from rlbench.losses import AGGREGATIONS, aggregate, clipped_surrogate, masked_mean, masked_min_max
+from rlbench.estimators import KL_ESTIMATORS, group_advantages
+from rlbench.losses import AGGREGATIONS, clipped_policy_loss
 from rlbench.registry import ALGORITHMS
 
 
@@ -143,37 +143,26 @@ class GRPO(Algorithm):
             return torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)
         return (rewards != rewards[:, :1]).any(dim=-1)
 
-    def prepare(self, batch: RolloutBatch) -> RolloutBatch:
-        """One advantage per completion, normalised within its prompt's group."""
+    def prepare(self, batch: RolloutBatch, all_reduce_sum: AllReduceSum = single_process) -> RolloutBatch:
+        """One advantage per completion, normalised within its prompt's group (a group lives on
+        one process, so no collective is needed)."""
         grouped = batch.rewards.view(-1, batch.group_size)
         cfg = self.config
         advantages = group_advantages(grouped, cfg.scale_rewards, cfg.std, cfg.advantage_eps)
         return dataclasses.replace(batch, advantages=advantages.view(-1))
 
     def loss(
-        self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale
+        self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale, hidden: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Minus the aggregated clipped surrogate (less beta * KL), and the step's metrics."""
         cfg = self.config
-        if batch.advantages is None:
-            raise ValueError("GRPO.loss needs batch.advantages; call prepare(batch) first")
-        mask = batch.completion_mask
-        # With mu = 1 pi_old is the current policy: ratio 1, gradient of the ratio still flows.
-        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-        objective, clip_active = clipped_surrogate(logprobs, old, batch.advantages, cfg.eps_low, cfg.eps_high)
-        ratio = torch.exp(logprobs.detach() - old.detach())
-        ratio_min, ratio_max = masked_min_max(ratio, mask)
-        metrics: dict[str, Tensor] = {
-            "clip_frac": masked_mean(clip_active.to(mask.dtype), mask).detach(),
-            "ratio_min": ratio_min,
-            "ratio_max": ratio_max,
-        }
-        if cfg.beta > 0.0:
-            if batch.ref_logprobs is None:
-                raise ValueError("GRPO with beta > 0 needs batch.ref_logprobs (the reference's log-probs)")
-            kl = kl_estimate(cfg.kl_estimator, logprobs, batch.ref_logprobs)
-            objective = objective - cfg.beta * kl
-            metrics["kl"] = masked_mean(kl, mask).detach()
-        loss = -aggregate(objective, mask, cfg.loss_aggregation, scale)
-        metrics["loss"] = loss.detach()
-        return loss, metrics
+        return clipped_policy_loss(
+            logprobs,
+            batch,
+            scale,
+            cfg.eps_low,
+            cfg.eps_high,
+            cfg.loss_aggregation,
+            cfg.beta,
+            cfg.kl_estimator,
+        )

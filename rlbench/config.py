@@ -5,8 +5,11 @@ fails before any model is built, with a message that names the field, the value 
 allowed. Field docs are the attribute docstrings below; ``config_help.describe`` turns them into the
 CLI's help, so they are the single source of documentation for every option.
 
-The ``task`` and ``algorithm`` sections hold a ``name`` plus the options of that plug-in's own
-``Config`` dataclass, flat: ``algorithm.name=grpo algorithm.beta=0.0``.
+The ``task`` section holds a ``name`` plus the options of that task's own ``Config`` dataclass,
+flat: ``task.name=arithmetic task.digits=3``. The ``algorithm`` section holds a ``name`` and one
+sub-section per algorithm, each validated against that algorithm's ``Config`` whether or not it
+is the one selected, so a comparison changes one word: ``algorithm.name=ppo``, and
+``algorithm.ppo.gamma=0.99`` sets an option.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class WarmStartConfig:
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
-    """Prompts per step; each is sampled ``algorithm.group_size`` times."""
+    """Prompts per step; each is sampled ``algorithm.<name>.group_size`` times (DPO: pairs per step)."""
     max_new_tokens: int = 8
     """Generation budget per completion (it also stops at EOS)."""
     temperature: float = 1.0
@@ -186,8 +189,8 @@ class TrainerConfig:
     optimiser steps ``mu`` times per rollout step."""
     devices: int | Literal["auto"] = 1
     """Lightning ``devices``: a count or ``auto``."""
-    accelerator: str = "cpu"
-    """Lightning accelerator: ``cpu``, ``gpu``, ``auto``..."""
+    accelerator: str = "auto"
+    """Lightning accelerator: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``gpu``..."""
     strategy: str = "auto"
     """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ... (any Lightning strategy name)."""
     num_nodes: int = 1
@@ -239,13 +242,25 @@ class LoggingConfig:
 
 @dataclass
 class PluginConfig:
-    """A ``task`` or ``algorithm`` section: the plug-in's name and its own options dataclass."""
+    """A ``task`` or ``algorithm`` section: the plug-in's name and its own options dataclass.
+
+    ``sections`` (algorithms only) holds the options of every algorithm the file configures,
+    by name, the selected one included (``options`` is ``sections[name]``).
+    """
 
     name: str
     options: Any
+    sections: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self.options)}
+        if self.sections is None:
+            return {"name": self.name, **dataclasses.asdict(self.options)}
+        return {"name": self.name, **{n: dataclasses.asdict(c) for n, c in self.sections.items()}}
+
+    def selected(self) -> dict[str, Any]:
+        """The name and the options that take effect (what a run logs as parameters)."""
+        options = dataclasses.asdict(self.options)
+        return {"name": self.name, **({self.name: options} if self.sections is not None else options)}
 
 
 @dataclass
@@ -256,7 +271,7 @@ class RunConfig:
     """Seed of every random draw (prompts, sampling, initialisation)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: PluginConfig = field(default_factory=lambda: default_plugin(TASKS, "arithmetic"))
-    algorithm: PluginConfig = field(default_factory=lambda: default_plugin(ALGORITHMS, "grpo"))
+    algorithm: PluginConfig = field(default_factory=lambda: default_algorithm())
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -292,7 +307,8 @@ class RunConfig:
                 name,
                 value,
                 f"at most the step's batch of {batch} completions "
-                f"(rollout.prompts_per_step x algorithm.group_size), or 0 for the whole batch",
+                f"(rollout.prompts_per_step x algorithm.{self.algorithm.name}.group_size), "
+                f"or 0 for the whole batch",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,12 +324,20 @@ class RunConfig:
         return out
 
     def flat(self) -> dict[str, Any]:
-        """``{"algorithm.beta": 0.04, ...}``: every resolved field (what MLflow logs as params)."""
-        return dict(_flatten(self.to_dict()))
+        """``{"algorithm.grpo.beta": 0.04, ...}``: every field that takes effect (what MLflow logs
+        as params); the sections of algorithms not selected are left out."""
+        data = self.to_dict()
+        data["algorithm"] = self.algorithm.selected()
+        return dict(_flatten(data))
 
 
 def default_plugin(registry: Any, name: str) -> PluginConfig:
     return PluginConfig(name, registry.get(name).Config())
+
+
+def default_algorithm(name: str = "grpo") -> PluginConfig:
+    options = ALGORITHMS.get(name).Config()
+    return PluginConfig(name, options, {name: options})
 
 
 # ---------------------------------------------------------------- loading and validation
@@ -328,7 +352,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(item, item, "overrides are written dotted.key=value, e.g. algorithm.beta=0.0")
+            raise ConfigError(
+                item, item, "overrides are written dotted.key=value, e.g. algorithm.grpo.beta=0.0"
+            )
         _set_dotted(data, key.strip(), _parse_scalar(raw))
     return build(RunConfig, data, "")
 
@@ -379,11 +405,47 @@ def build(cls: type, data: Any, path: str) -> Any:
     if cls is RunConfig and isinstance(data, Mapping):
         data = dict(data)
         plugins = {
-            name: _build_plugin(registry, data.pop(name, {}), name)
-            for name, registry in (("task", TASKS), ("algorithm", ALGORITHMS))
+            "task": _build_plugin(TASKS, data.pop("task", {}), "task"),
+            "algorithm": _build_algorithm(data.pop("algorithm", {})),
         }
         return _build_dataclass(cls, data, path, extra=plugins)
     return _build_dataclass(cls, data, path)
+
+
+def _build_algorithm(data: Any) -> PluginConfig:
+    """The ``algorithm`` section: ``name`` and one validated sub-section per algorithm named."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("algorithm", data, "a mapping with 'name' and one sub-section per algorithm")
+    data = dict(data)
+    name = data.pop("name", "grpo")
+    names = ALGORITHMS.names()
+    if not isinstance(name, str):
+        raise ConfigError("algorithm.name", name, f"an algorithm name: {', '.join(names)}")
+    try:
+        ALGORITHMS.get(name)
+    except RegistryError as err:
+        raise ConfigError("algorithm.name", name, str(err)) from None
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"algorithm.{key}"
+        if key not in names:
+            # an option written flat: point at the section that has it, the selected one first
+            owners = [
+                n
+                for n in (name, *names)
+                if key in {f.name for f in dataclasses.fields(ALGORITHMS.get(n).Config)}
+            ]
+            hint = (
+                f" (options go in the algorithm's own section: algorithm.{owners[0]}.{key})"
+                if owners
+                else did_you_mean(str(key), names)
+            )
+            raise ConfigError(
+                where, value, f"unknown algorithm section{hint}; valid: name, {', '.join(names)}"
+            )
+        sections[key] = _build_dataclass(ALGORITHMS.get(key).Config, value or {}, where)
+    sections.setdefault(name, ALGORITHMS.get(name).Config())
+    return PluginConfig(name, sections[name], sections)
 
 
 def _build_plugin(registry: Any, data: Any, path: str) -> PluginConfig:

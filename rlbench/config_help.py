@@ -71,5 +71,6 @@ def help_text() -> str:
     for section, registry in (("task", TASKS), ("algorithm", ALGORITHMS)):
         for name, plugin in registry:
             lines += ["", f"{section}.name = {name!r} (options of {registry.kind} {name!r}):"]
-            emit(describe(plugin.Config, f"{section}."))
+            prefix = f"{section}.{name}." if section == "algorithm" else f"{section}."
+            emit(describe(plugin.Config, prefix))
     return "\n".join(lines)

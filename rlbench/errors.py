@@ -10,7 +10,7 @@ class RLBenchError(Exception):
 
 
 class ConfigError(RLBenchError, ValueError):
-    """A bad configuration value. ``field`` is a dotted path such as ``algorithm.eps_low``."""
+    """A bad configuration value. ``field`` is a dotted path such as ``algorithm.grpo.eps_low``."""
 
     def __init__(self, field: str, value: Any, allowed: str) -> None:
         self.field, self.value, self.allowed = field, value, allowed

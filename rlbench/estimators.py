@@ -9,6 +9,10 @@ KL estimators work per token from the sampled token's log-probabilities only. Wi
 
 Advantage estimators map a step's rewards ``[P, G]`` (``P`` prompts, ``G`` completions each)
 to one advantage per completion, given to every one of its tokens.
+
+PPO's critic side (THEORY sections 3 and 9) works per token: ``kl_shaped_rewards`` puts the
+KL penalty into the reward (``R_t = -kl_coef * KL_t``, plus the outcome reward on the last
+token) and ``gae`` turns those rewards and the critic's values into advantages and returns.
 """
 
 from __future__ import annotations
@@ -108,3 +112,83 @@ def leave_one_out_advantages(rewards: Tensor) -> Tensor:
         raise ValueError(f"leave-one-out advantages need group_size >= 2, got {group_size}")
     others_mean = (rewards.sum(dim=-1, keepdim=True) - rewards) / (group_size - 1)
     return rewards - others_mean
+
+
+def kl_shaped_rewards(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """PPO's per-token reward with the KL penalty inside it (THEORY section 3), ``(token_rewards, kl)``.
+
+    ``R_t = -kl_coef * KL_t`` on every unmasked token, ``+ rewards[b]`` on row ``b``'s last
+    unmasked token, where ``KL_t`` is ``kl_estimate(estimator, logprobs, ref_logprobs)`` (k1 by
+    default). ``rewards`` is ``[B]``; the other tensors and both results are ``[B, T]``, 0 where
+    ``mask`` is 0. A row with no unmasked token gets no reward at all.
+
+    The reward is data for GAE, not a differentiable quantity: the log-probs are detached.
+    """
+    if not logprobs.shape == ref_logprobs.shape == mask.shape or logprobs.dim() != 2:
+        raise ValueError(
+            "kl_shaped_rewards needs logprobs, ref_logprobs and mask of one shape [B, T], got "
+            f"{tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)} and {tuple(mask.shape)}"
+        )
+    if rewards.shape != logprobs.shape[:1]:
+        raise ValueError(f"rewards must be [B] = {tuple(logprobs.shape[:1])}, got {tuple(rewards.shape)}")
+    keep = mask.bool()
+    kl = kl_estimate(estimator, logprobs.detach(), ref_logprobs.detach())
+    # where, not a product: padding log-probs may be -inf, and -inf * 0 is NaN.
+    kl = torch.where(keep, kl, torch.zeros_like(kl))
+    dtype = torch.promote_types(kl.dtype, rewards.dtype)
+    token_rewards = (-kl_coef * kl).to(dtype)
+    # Index of each row's last unmasked token: the largest 1-based position that is kept
+    # (argmax of an all-zero row is 0, which the has_token factor below then cancels).
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    last = (keep * positions).argmax(dim=-1, keepdim=True)
+    has_token = keep.any(dim=-1)
+    outcome = torch.where(has_token, rewards.detach().to(dtype), torch.zeros((), dtype=dtype))
+    token_rewards = token_rewards.scatter_add(1, last, outcome.unsqueeze(-1))
+    return token_rewards, kl
+
+
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (THEORY section 9), ``(advantages, returns)``, all ``[B, T]``.
+
+    ``delta_t = R_t + gamma * V(s_{t+1}) - V(s_t)``, with ``V(s_{T+1}) = 0`` after a
+    completion's last unmasked token ``T``; ``A_t = sum_{l >= 0} (gamma * lam)^l delta_{t+l}``
+    over the completion's unmasked tokens; ``returns_t = A_t + V(s_t)``. Computed backwards as
+    ``A_t = delta_t + gamma * lam * A_{t+1}``. Unwhitened; both outputs are 0 where ``mask`` is 0.
+
+    The mask is 1 up to and including EOS, then 0. Rewards and values at masked positions are
+    ignored (whatever the critic outputs on padding is never bootstrapped from). Advantages
+    and returns are regression targets, not part of any graph: the inputs are detached.
+    """
+    if not token_rewards.shape == values.shape == mask.shape or values.dim() != 2:
+        raise ValueError(
+            "gae needs token_rewards, values and mask of one shape [B, T], got "
+            f"{tuple(token_rewards.shape)}, {tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    # At least float32: a bf16 critic's values would round the small deltas away.
+    dtype = torch.promote_types(torch.promote_types(token_rewards.dtype, values.dtype), torch.float32)
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=values.device)
+    rewards = torch.where(keep, token_rewards.detach().to(dtype), zero)
+    # Zeroing the padding's values is what makes V(s_{T+1}) = 0 after the last kept token.
+    vals = torch.where(keep, values.detach().to(dtype), zero)
+    keep_f = keep.to(dtype)
+    advantages = torch.zeros_like(vals)
+    next_value = torch.zeros_like(vals[:, 0])
+    next_advantage = torch.zeros_like(vals[:, 0])
+    for t in reversed(range(vals.shape[-1])):
+        delta = rewards[:, t] + gamma * next_value - vals[:, t]
+        # The keep factor stops the sum at the padding, so nothing flows in from beyond EOS.
+        next_advantage = (delta + gamma * lam * next_advantage) * keep_f[:, t]
+        advantages[:, t] = next_advantage
+        next_value = vals[:, t]
+    returns = torch.where(keep, advantages + vals, zero)
+    return advantages, returns

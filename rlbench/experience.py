@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,15 +27,37 @@ from rlbench.data import PromptBatch, PromptSource
 from rlbench.errors import RewardError
 from rlbench.evaluation import encode_prompts, read_completions
 from rlbench.policy import inference_mode
-from rlbench.rollout import RolloutBackend, SamplingParams, cat_padded, concat_rollouts
+from rlbench.rollout import RolloutBackend, SamplingParams, concat_rollouts
 from rlbench.task import Task
 
 #: ``gather(t)``: the ``[n]`` tensors of every process stacked in rank order, ``[world * n]``.
 Gather = Callable[[Tensor], Tensor]
 
 
+class ExperienceSource(Protocol):
+    """Where a step's training batch comes from; the module asks nothing else of it."""
+
+    #: Whether batches are sampled from the current policy (their entropy is the policy's).
+    on_policy: bool
+    #: Rows that belong together in one micro-batch (2: a preference pair's chosen and rejected).
+    rows_per_example: int
+
+    def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
+        """Called once the policy is on its device, before step ``step`` (0, or a resume's)."""
+
+    def collect(
+        self, policy: nn.Module, step: int, rank: int = 0, world: int = 1, gather: Gather | None = None
+    ) -> tuple[RolloutBatch, RolloutBatch, dict[str, float]]:
+        """``(batch, first, metrics)``: this process's batch for ``step``, a batch to take
+        padding rows from (never empty), and metrics describing the experience."""
+        ...
+
+
 class RolloutCollector:
     """Samples, scores and selects the groups of one rollout step (this process's share)."""
+
+    on_policy = True
+    rows_per_example = 1
 
     def __init__(
         self,
@@ -47,7 +69,11 @@ class RolloutCollector:
         sampling: SamplingParams,
         tokenizer: Any,
         micro_batch_size: int,
+        group_size: int | None = None,
     ) -> None:
+        #: Completions per prompt: the algorithm's group size unless told otherwise (DPO's pair
+        #: builder samples k per prompt to find a rewarded and an unrewarded one).
+        self.group_size = group_size or algorithm.group_size
         self.task = task
         self.task_name = task_name
         self.algorithm = algorithm
@@ -56,6 +82,9 @@ class RolloutCollector:
         self.sampling = sampling
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
+
+    def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
+        """Nothing to prepare: rollouts are sampled fresh every step."""
 
     def collect(
         self, policy: nn.Module, step: int, rank: int = 0, world: int = 1, gather: Gather | None = None
@@ -68,7 +97,7 @@ class RolloutCollector:
         (round, prompt position) order, as one process would keep them. ``batch`` may hold any
         number of this process's groups, none included.
         """
-        G = self.algorithm.group_size
+        G = self.group_size
         wanted = self.source.prompts_per_step
         first, metrics = self.sample(policy, self.source.batch(step, 0, rank, world))
         kept: list[RolloutBatch] = []
@@ -93,7 +122,7 @@ class RolloutCollector:
             # drawn; its advantages are zero, so only regularisers (KL) move the policy.
             batch = first
         elif kept:
-            batch = concat_batches(kept, self.tokenizer.pad_token_id)
+            batch = RolloutBatch.concat(kept, self.tokenizer.pad_token_id)
         else:
             batch = first.rows(slice(0, 0))
         metrics["train/kept_groups"] = len(batch) / G
@@ -101,7 +130,7 @@ class RolloutCollector:
 
     def sample(self, policy: nn.Module, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
         """``G`` completions per prompt and their rewards; metrics describe this sample."""
-        G = self.algorithm.group_size
+        G = self.group_size
         repeated = [p for p in prompts.prompts for _ in range(G)]  # row i * G + j: prompt i
         texts = [p.text for p in repeated]
         device = next(policy.parameters()).device
@@ -176,18 +205,3 @@ def micro_batches(rows: int, size: int) -> list[slice]:
     """Row slices of at most ``size`` rows (``size`` 0: one slice of everything; none if no rows)."""
     size = size or rows
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)] if rows else []
-
-
-def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
-    """Stacks rollout batches, left-padding prompts and right-padding completions to a common width."""
-    if len(batches) == 1:
-        return batches[0]
-    return RolloutBatch(
-        prompt_ids=cat_padded([b.prompt_ids for b in batches], pad_token_id, left=True),
-        prompt_mask=cat_padded([b.prompt_mask for b in batches], 0, left=True),
-        completion_ids=cat_padded([b.completion_ids for b in batches], pad_token_id),
-        completion_mask=cat_padded([b.completion_mask for b in batches], 0),
-        behaviour_logprobs=cat_padded([b.behaviour_logprobs for b in batches], 0),
-        rewards=torch.cat([b.rewards for b in batches]),
-        group_size=batches[0].group_size,
-    )

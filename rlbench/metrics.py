@@ -1,9 +1,10 @@
 """How a step's metrics combine over micro-batches, optimisation passes and processes.
 
 One naming rule decides the reduction everywhere: names ending in ``_min`` take the minimum,
-``_max`` and ``_gap`` the maximum (a gap is a worst case), the loss adds up (each micro-batch
-and each process holds its share of the step's loss), and every other metric is a mean
-weighted by what it averages over (completion tokens for loss-side metrics).
+``_max`` and ``_gap`` the maximum (a gap is a worst case), losses (``loss`` and any name
+ending in ``_loss``: PPO's policy and value shares) add up (each micro-batch and each process
+holds its share of the step's loss), and every other metric is a mean weighted by what it
+averages over (completion tokens for loss-side metrics).
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-#: Metrics that add up over processes (each process holds a share of the total).
-SUMMED_OVER_PROCESSES = frozenset({"train/loss", "perf/rollout_tokens_per_s", "train/kept_groups"})
+#: Metrics besides losses that add up over processes (each process holds a share of the total).
+SUMMED_OVER_PROCESSES = frozenset({"perf/rollout_tokens_per_s", "train/kept_groups"})
+
+
+def is_loss(name: str) -> bool:
+    """Whether ``name`` is a loss (or a share of one), which adds up over micro-batches and
+    processes: ``loss``, ``train/loss``, ``value_loss``, ``train/policy_loss``..."""
+    leaf = name.rsplit("/", 1)[-1]
+    return leaf == "loss" or leaf.endswith("_loss")
 
 
 def extreme(name: str) -> str | None:
@@ -44,7 +52,7 @@ def combine_micro_batches(parts: list[tuple[dict[str, Tensor], float]]) -> dict[
             out[name] = min(values, default=math.inf)
         elif kind == "max":
             out[name] = max(values, default=-math.inf)
-        elif name == "loss":
+        elif is_loss(name):
             out[name] = sum(values)
         else:
             out[name] = sum(v * t for v, (_, t) in zip(values, real)) / total if total else 0.0
@@ -85,7 +93,7 @@ def reduce_over_processes(
     for i, name in enumerate(names):
         column = gathered[:, i]
         kind = extreme(name) or ("max" if name.startswith("perf/") and name.endswith("_s") else None)
-        if name in SUMMED_OVER_PROCESSES:
+        if name in SUMMED_OVER_PROCESSES or is_loss(name):
             out[name] = float(column.sum())
         elif kind == "min":
             out[name] = float(column.min())

@@ -1,14 +1,17 @@
-"""RLModule: one Lightning module runs every on-policy algorithm.
+"""RLModule: one Lightning module runs every algorithm, on-policy or from preference pairs.
 
-A training step is: the step's groups from the ``RolloutCollector`` (sampled, verified,
-selected) -> ``algorithm.prepare`` (advantages) -> reference log-probs if the algorithm needs
-them -> ``mu`` optimiser steps on ``algorithm.loss``. The module knows no algorithm or task by
-name: what differs is a property or method of the plug-in (``group_size``,
-``needs_reference``, ``passes_per_batch``, ``keep_groups``...).
+A training step is: the step's experience from the source the algorithm declares (sampled,
+verified and selected groups from the ``RolloutCollector``, or preference pairs from the
+``PairSource``) -> the reference's log-probs if the algorithm needs them -> one no-grad pass
+for pi_old and the algorithm's own scores (old values) when it needs them before ``prepare``
+-> ``algorithm.prepare`` (advantages, returns) -> passes x minibatches optimiser steps on
+``algorithm.loss`` -> ``algorithm.end_step`` (an adaptive KL coefficient). The module knows no
+algorithm or task by name: what differs is a property or method of the plug-in
+(``experience``, ``needs_reference``, ``needs_scores``, ``build_modules``...).
 
-Steps are counted in *rollout steps* (batches of rollouts): ``trainer.max_steps``,
+Steps are counted in *rollout steps* (batches of experience): ``trainer.max_steps``,
 ``trainer.checkpoint_every`` and ``eval.every_n_steps`` all count them, and every metric is
-logged at the rollout step, whatever ``mu`` (optimiser steps per rollout step) is.
+logged at the rollout step, however many optimiser steps a rollout step makes.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from torch import Tensor, nn
 from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.config import RunConfig
 from rlbench.data import PromptSource
-from rlbench.errors import RLBenchError
 from rlbench.evaluation import greedy_correct
-from rlbench.experience import RolloutCollector, micro_batches
+from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
+from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
 from rlbench.lora import AdapterReference, apply_lora
 from rlbench.metrics import combine_micro_batches, reduce_over_processes, reduce_passes
+from rlbench.pair_source import PairSource
 from rlbench.policy import (
+    ForwardOutput,
+    batch_forward,
     batch_logprobs,
     disable_dropout,
     frozen_copy,
@@ -40,6 +46,8 @@ from rlbench.policy import (
 )
 from rlbench.registry import ALGORITHMS, TASKS
 from rlbench.rollout import BACKENDS, SamplingParams
+
+__all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
 
 class FrozenReference:
@@ -76,6 +84,9 @@ class RLModule(pl.LightningModule):
         if config.model.disable_dropout:
             disable_dropout(self.policy)
         self.policy.train()
+        #: The algorithm's own trainable modules (a value head): submodules, so strategies,
+        #: precision, checkpoints and the optimiser all cover them.
+        self.algorithm_modules = nn.ModuleDict(self.algorithm.build_modules(self.policy))
         if self.algorithm.needs_reference:
             # with LoRA the reference is the base model: the same weights, adapters switched off
             self.reference = (
@@ -84,6 +95,9 @@ class RLModule(pl.LightningModule):
                 else FrozenReference(frozen_copy(self.policy), self.vocab_size)
             )
         rollout = config.rollout
+        #: Log-probs are scored at the sampling temperature unless the algorithm says otherwise
+        #: (DPO scores its pairs at T = 1).
+        self.temperature = self.algorithm.logprob_temperature or rollout.temperature
         self.backend = BACKENDS[rollout.backend](
             self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.vocab_size
         )
@@ -98,6 +112,12 @@ class RLModule(pl.LightningModule):
             ),
             tokenizer=self.tokenizer,
             micro_batch_size=rollout.micro_batch_size,
+        )
+        #: Where each step's experience comes from, as the algorithm declares.
+        self.experience: ExperienceSource = (
+            self.rollouts
+            if self.algorithm.experience == "rollouts"
+            else PairSource(config, self.algorithm, self.rollouts, model_path, self.reference_scorer)
         )
         self.eval_prompts = self.rollouts.source.eval_prompts(config.eval.num_prompts)
         self.automatic_optimization = False
@@ -114,17 +134,26 @@ class RLModule(pl.LightningModule):
         self.skipped_steps = 0
         self.bad_in_a_row = 0
 
+    @property
+    def optimizer_steps_per_rollout_step(self) -> int:
+        return self.algorithm.passes_per_batch * self.algorithm.minibatches_per_pass
+
     # ------------------------------------------------------------------ Lightning hooks
 
     def configure_optimizers(self) -> Any:
         optim = self.config.optim
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": optim.lr}
+        ]
+        own = [p for p in self.algorithm_modules.parameters() if p.requires_grad]
+        if own:
+            groups.append({"params": own, "lr": self.algorithm.module_lr or optim.lr})
         # fused: one kernel for all parameters instead of a Python loop over them (CPU and CUDA)
         optimizer = torch.optim.AdamW(
-            trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=True
+            groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=True
         )
-        # the scheduler steps once per optimiser step: mu per rollout step
-        total = self.config.trainer.max_steps * self.algorithm.passes_per_batch
+        # the scheduler steps once per optimiser step
+        total = self.config.trainer.max_steps * self.optimizer_steps_per_rollout_step
 
         def factor(step: int) -> float:
             if step < optim.warmup_steps:
@@ -144,6 +173,7 @@ class RLModule(pl.LightningModule):
             # after Lightning placed and cast the policy (bf16-true casts the weights)
             weight = next(self.policy.parameters())
             self.reference.model.to(device=weight.device, dtype=weight.dtype)
+        self.experience.setup(self.policy, self.rollout_step, self.global_rank, self.world_size)
 
     def on_train_start(self) -> None:
         if self.rollout_step >= self.config.trainer.max_steps:  # a finished run, resumed
@@ -151,19 +181,25 @@ class RLModule(pl.LightningModule):
 
     def training_step(self, tick: Any, batch_idx: int) -> None:
         step = self.rollout_step
-        if step % self.config.eval.every_n_steps == 0:
+        evaluating = step % self.config.eval.every_n_steps == 0
+        if evaluating:
             self.evaluate()
         started = time.perf_counter()
-        batch, first, sampled = self.rollouts.collect(
+        batch, first, sampled = self.experience.collect(
             self.policy, step, self.global_rank, self.world_size, self.gather
         )
         updated, weight = self.update(batch, first)
         updated["perf/step_s"] = time.perf_counter() - started
         metrics = {**self.reduce(sampled, 1.0), **self.reduce(updated, weight)}
+        if evaluating and not self.experience.on_policy:
+            # what the policy now samples, on the eval schedule, so curves line up with on-policy runs
+            metrics.update(self.sample_diagnostics(step))
+        metrics.update(self.algorithm.end_step(metrics, int(self.global_sum(len(batch)))))
         self.last_metrics = metrics
         self.log_metrics(metrics, step=step)
         self.rollout_step += 1
-        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
+        if "train/reward_mean" in metrics:
+            self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, on_step=True)
         if self.rollout_step >= self.config.trainer.max_steps:
             self.evaluate()
             self.trainer.should_stop = True
@@ -175,6 +211,7 @@ class RLModule(pl.LightningModule):
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "eval_history": [list(item) for item in self.eval_history],
+            "algorithm": self.algorithm.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -183,11 +220,12 @@ class RLModule(pl.LightningModule):
         self.skipped_steps = int(state["skipped_steps"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.eval_history = [(int(s), float(a)) for s, a in state["eval_history"]]
+        self.algorithm.load_state_dict(state.get("algorithm", {}))
 
     # ------------------------------------------------------------------ the RL step
 
     def update(self, batch: RolloutBatch, first: RolloutBatch) -> tuple[dict[str, float], float]:
-        """``mu`` optimiser steps on the algorithm's loss over one batch of rollouts.
+        """``passes x minibatches`` optimiser steps on the algorithm's loss over one batch.
 
         Returns the step's metrics and their weight (this process's completion tokens). Each
         optimiser step accumulates gradients over micro-batches of ``train.micro_batch_size``
@@ -195,91 +233,157 @@ class RLModule(pl.LightningModule):
         equal the whole batch's loss whatever the micro-batch size or number of processes.
         ``first`` (the step's first sample) supplies rows for padding micro-batches.
         """
-        batch = self.algorithm.prepare(batch)
-        chunks = micro_batches(len(batch), self.config.train.micro_batch_size)
-        # Every backward is a DDP all-reduce: a process that kept fewer groups than another
-        # makes up the difference with zero-weight micro-batches, so the collectives match.
-        padding = int(self.global_max(len(chunks))) - len(chunks)
-        filler = self.padding_chunk(first) if padding else None
-        if self.reference is not None:
-            batch.ref_logprobs = self.reference_logprobs(batch, chunks)
-        # Denominators count the whole step on every process, so the processes' losses add up
-        # to the step's loss; DDP averages gradients, hence the factor world_size below.
-        scale = LossScale(
-            int(self.global_sum(len(batch))),
-            int(self.global_sum(float(batch.completion_mask.sum()))),
-            self.config.rollout.max_new_tokens,
-        )
-        world = self.world_size
-        passes = self.algorithm.passes_per_batch
+        algorithm = self.algorithm
+        if self.reference is not None and batch.ref_sequence_logprobs is None:
+            batch.ref_logprobs = self.reference_logprobs(batch)
+        # pi_old (and old values) before prepare when the algorithm needs them, or when later
+        # minibatches would otherwise see a policy already moved by earlier ones
+        scored = algorithm.needs_scores or algorithm.minibatches_per_pass > 1
+        entropy_sum, behaviour_gap = 0.0, -math.inf
+        if scored:
+            batch, entropy_sum, behaviour_gap = self.score(batch)
+        batch = algorithm.prepare(batch, self.all_reduce_sum)
+        filler: RolloutBatch | None = None
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        world = self.world_size
         history: list[dict[str, float]] = []
         old_logprobs: list[Tensor] = []
-        entropy_sum, behaviour_gap = 0.0, -math.inf
         cause: str | None = None  # what went non-finite, if anything
-        for pass_index in range(passes):
-            optimizer.zero_grad(set_to_none=True)
-            parts: list[tuple[dict[str, Tensor], float]] = []
-            for rows in chunks:
-                part = batch.rows(rows)
-                logprobs, token_entropy = self.policy_logprobs(part, with_entropy=pass_index == 0)
-                if pass_index == 0:
-                    # pi_old is the policy that sampled: these very weights until the first
-                    # optimiser step, so pass 0's log-probs are pi_old (no extra forward)
-                    current = logprobs.detach()
-                    if passes > 1:
-                        old_logprobs.append(current)
-                    entropy_sum += float((token_entropy * part.completion_mask).sum())
-                    behaviour_gap = max(behaviour_gap, logprob_gap(part, current))
-                loss, metrics = self.algorithm.loss(logprobs, part, scale)
-                if cause is None and not bool(torch.isfinite(loss)):
-                    cause = non_finite_cause(part, logprobs, loss)
-                # backward even then: every process must join DDP's gradient all-reduce
-                self.manual_backward(loss * world)
-                parts.append((metrics, float(part.completion_mask.sum())))
-            for _ in range(padding):
-                assert filler is not None
-                logprobs, _ = self.policy_logprobs(filler)
-                _, metrics = self.algorithm.loss(logprobs, filler, scale)  # names only: weight 0
-                self.manual_backward(logprobs.sum() * 0.0)  # zero gradient, same all-reduce
-                parts.append((metrics, 0.0))
-            if old_logprobs and batch.old_logprobs is None:
-                batch.old_logprobs = torch.cat(old_logprobs)
-            metrics = combine_micro_batches(parts)
-            clip = self.config.optim.grad_clip or math.inf
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip))
-            if not math.isfinite(metrics["grad_norm"]):
-                # gradients are all-reduced, so every process takes the same decision here
-                cause = cause or non_finite_gradient(self.policy)
+        for pass_index in range(algorithm.passes_per_batch):
+            for minibatch in self.minibatches(batch):
+                # pi_old is the policy that sampled: these very weights until the first optimiser
+                # step, so pass 0's log-probs are pi_old (no extra forward)
+                first_look = pass_index == 0 and not scored
+                chunks = self.micro_batches(len(minibatch))
+                # Every backward is a DDP all-reduce: a process that kept fewer groups than
+                # another makes up the difference with zero-weight micro-batches.
+                padding = int(self.global_max(len(chunks))) - len(chunks)
+                if padding and filler is None:
+                    filler = self.padding_chunk(first)
+                # Denominators count the whole minibatch on every process, so the processes'
+                # losses add up; DDP averages gradients, hence the factor world_size below.
+                scale = LossScale(
+                    int(self.global_sum(len(minibatch))),
+                    int(self.global_sum(float(minibatch.completion_mask.sum()))),
+                    self.config.rollout.max_new_tokens,
+                )
                 optimizer.zero_grad(set_to_none=True)
+                parts: list[tuple[dict[str, Tensor], float]] = []
+                for rows in chunks:
+                    part = minibatch.rows(rows)
+                    out = self.policy_forward(part, with_entropy=first_look)
+                    if first_look:
+                        current = out.logprobs.detach()
+                        old_logprobs.append(current)
+                        assert out.entropy is not None
+                        entropy_sum += float((out.entropy * part.completion_mask).sum())
+                        behaviour_gap = max(behaviour_gap, logprob_gap(part, current))
+                    loss, metrics = algorithm.loss(out.logprobs, part, scale, out.hidden)
+                    if cause is None and not bool(torch.isfinite(loss)):
+                        cause = non_finite_cause(part, out.logprobs, loss)
+                    # backward even then: every process must join DDP's gradient all-reduce
+                    self.manual_backward(loss * world)
+                    parts.append((metrics, float(part.completion_mask.sum())))
+                for _ in range(padding):
+                    assert filler is not None
+                    out = self.policy_forward(filler)
+                    loss, metrics = algorithm.loss(out.logprobs, filler, scale, out.hidden)  # names only
+                    self.manual_backward(loss * 0.0)  # zero gradient, same all-reduce
+                    parts.append((metrics, 0.0))
+                if first_look and algorithm.passes_per_batch > 1:
+                    batch.old_logprobs = torch.cat(old_logprobs) if old_logprobs else batch.completion_mask
+                metrics = combine_micro_batches(parts)
+                clip = self.config.optim.grad_clip or math.inf
+                trainable = [p for p in self.parameters() if p.requires_grad]
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
                 history.append(metrics)
+                if not math.isfinite(metrics["grad_norm"]):
+                    # gradients are all-reduced, so every process takes the same decision here
+                    cause = cause or non_finite_gradient(self)
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                optimizer.step()
+                scheduler.step()
+            if cause is not None and not math.isfinite(history[-1]["grad_norm"]):
                 break
-            optimizer.step()
-            scheduler.step()
-            history.append(metrics)
         self.guard(cause)
         out = {f"train/{name}": value for name, value in reduce_passes(history).items()}
-        out["train/behaviour_logprob_gap"] = behaviour_gap
         out["train/skipped_steps"] = float(self.skipped_steps)
-        out["train/entropy"] = self.global_sum(entropy_sum) / max(scale.num_tokens, 1)
+        if self.experience.on_policy:  # sampled by the policy: the entropy and gap are its own
+            out["train/behaviour_logprob_gap"] = behaviour_gap
+            tokens = self.global_sum(float(batch.completion_mask.sum()))
+            out["train/entropy"] = self.global_sum(entropy_sum) / max(tokens, 1.0)
         out["train/lr"] = scheduler.get_last_lr()[0]
         return out, float(batch.completion_mask.sum())
 
-    def reference_logprobs(self, batch: RolloutBatch, chunks: list[slice]) -> Tensor:
+    def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
+        """One no-grad pass before ``prepare``: pi_old's log-probs and the algorithm's scores
+        (``algorithm.score``: old values). Returns the scored batch, the summed token entropy
+        and the behaviour log-prob gap (the pass sees the weights that sampled)."""
+        parts: list[RolloutBatch] = []
+        entropy_sum, gap = 0.0, -math.inf
+        with inference_mode(self.policy):
+            for rows in self.micro_batches(len(batch)):
+                part = batch.rows(rows)
+                out = self.policy_forward(part, with_entropy=True)
+                part.old_logprobs = out.logprobs
+                parts.append(self.algorithm.score(part, out.hidden))
+                assert out.entropy is not None
+                entropy_sum += float((out.entropy * part.completion_mask).sum())
+                gap = max(gap, logprob_gap(part, out.logprobs))
+        if not parts:
+            return batch, entropy_sum, gap
+        return RolloutBatch.concat(parts, self.tokenizer.pad_token_id), entropy_sum, gap
+
+    def micro_batches(self, rows: int) -> list[slice]:
+        """Row slices of ``train.micro_batch_size`` rows that never split an example (a pair)."""
+        unit = self.experience.rows_per_example
+        size = -(-self.config.train.micro_batch_size // unit) * unit
+        return micro_batches(rows, size)
+
+    def minibatches(self, batch: RolloutBatch) -> list[RolloutBatch]:
+        """The batch split in ``minibatches_per_pass`` parts, by group: group ``g`` goes to
+        minibatch ``g mod k``, so every minibatch mixes prompts from the whole step."""
+        k = self.algorithm.minibatches_per_pass
+        if k == 1:
+            return [batch]
+        size = self.algorithm.group_size
+        groups = len(batch) // size
+        parts = []
+        for j in range(k):
+            rows = [g * size + i for g in range(j, groups, k) for i in range(size)]
+            parts.append(batch.rows(torch.tensor(rows, dtype=torch.long, device=batch.rewards.device)))
+        return parts
+
+    def reference_logprobs(self, batch: RolloutBatch) -> Tensor:
         assert self.reference is not None
-        temperature = self.config.rollout.temperature
+        chunks = self.micro_batches(len(batch))
         if not chunks:
             return torch.zeros_like(batch.completion_mask)
-        return torch.cat([self.reference.logprobs(batch.rows(c), temperature) for c in chunks])
+        return torch.cat([self.reference.logprobs(batch.rows(c), self.temperature) for c in chunks])
+
+    def reference_scorer(self, batch: RolloutBatch) -> Tensor:
+        """The reference's per-token log-probs of ``batch``: the loaded reference, or -- when
+        none is loaded -- the policy itself, which is the reference until its first update
+        (what preference pairs are scored with when they are built, before step 0)."""
+        if self.reference is not None:
+            return self.reference.logprobs(batch, self.temperature)
+        assert self.rollout_step == 0, "without a loaded reference, only the starting policy can score"
+        with inference_mode(self.policy):
+            return self.policy_forward(batch).logprobs
 
     def padding_chunk(self, first: RolloutBatch) -> RolloutBatch:
-        """One row of the step's first sample, prepared like a real micro-batch (its loss is
-        weighted 0: it only keeps this process's backward passes in step with the others)."""
-        group = self.algorithm.prepare(first.rows(slice(0, self.algorithm.group_size)))
-        if self.reference is not None:
-            group.ref_logprobs = self.reference.logprobs(group, self.config.rollout.temperature)
-        return group.rows(slice(0, 1))
+        """One group of the step's first sample, prepared like a real micro-batch (its loss is
+        weighted 0: it only keeps this process's backward passes in step with the others).
+        Prepared without collectives: only the processes that pad get here."""
+        group = first.rows(slice(0, self.algorithm.group_size))
+        if self.reference is not None and group.ref_sequence_logprobs is None:
+            group.ref_logprobs = self.reference.logprobs(group, self.temperature)
+        if self.algorithm.needs_scores or self.algorithm.minibatches_per_pass > 1:
+            group = self.score(group)[0]
+        group = self.algorithm.prepare(group)
+        return group.rows(slice(0, self.experience.rows_per_example))
 
     def guard(self, cause: str | None) -> None:
         """Counts skipped updates; stops the run after ``train.max_bad_steps`` in a row."""
@@ -302,11 +406,35 @@ class RLModule(pl.LightningModule):
                 f"{cause}; {kept} (train.max_bad_steps={self.config.train.max_bad_steps})"
             )
 
+    def policy_forward(self, batch: RolloutBatch, with_entropy: bool = False) -> ForwardOutput:
+        """The policy's log-probs of ``batch`` (and entropy; hidden states when the algorithm
+        reads them), at the algorithm's scoring temperature."""
+        hidden = self.algorithm.needs_hidden_states
+        return batch_forward(self.policy, batch, self.temperature, with_entropy, self.vocab_size, hidden)
+
     def policy_logprobs(
         self, batch: RolloutBatch, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        temperature = self.config.rollout.temperature
-        return batch_logprobs(self.policy, batch, temperature, with_entropy, self.vocab_size)
+        out = self.policy_forward(batch, with_entropy)
+        return out.logprobs, out.entropy
+
+    def sample_diagnostics(self, step: int) -> dict[str, float]:
+        """Reward and exact entropy of a fresh sample of the step's prompts, for algorithms
+        that do not sample to train (DPO): what on-policy runs log every step."""
+        rank, world = self.global_rank, self.world_size
+        batch, metrics = self.rollouts.sample(self.policy, self.rollouts.source.batch(step, 0, rank, world))
+        with inference_mode(self.policy):
+            out = batch_forward(self.policy, batch, self.config.rollout.temperature, True, self.vocab_size)
+        assert out.entropy is not None
+        tokens = self.global_sum(float(batch.completion_mask.sum()))
+        entropy = self.global_sum(float((out.entropy * batch.completion_mask).sum())) / max(tokens, 1.0)
+        return {**self.reduce(metrics, 1.0), "train/entropy": entropy}
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over all processes (itself in a single-process run)."""
+        if self.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").to(tensor.device)
 
     @property
     def world_size(self) -> int:
@@ -379,39 +507,3 @@ class RLModule(pl.LightningModule):
         self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
         pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
         return accuracy
-
-
-class NonFiniteError(RLBenchError):
-    """Too many consecutive updates with a non-finite loss or gradient."""
-
-
-def non_finite_cause(batch: RolloutBatch, logprobs: Tensor, loss: Tensor) -> str:
-    """Names the first non-finite input of a non-finite loss, in the order the step computes them."""
-    for name in ("rewards", "advantages", "behaviour_logprobs", "old_logprobs", "ref_logprobs"):
-        value = getattr(batch, name)
-        if value is not None and not bool(torch.isfinite(value).all()):
-            rows = (~torch.isfinite(value)).reshape(len(value), -1).any(-1).nonzero().flatten().tolist()
-            source = " from the task's rewards()" if name == "rewards" else ""
-            return f"{name}{source} (rows {rows[:8]} of the micro-batch)"
-    if not bool(torch.isfinite(logprobs).all()):
-        return "policy log-probs"
-    return f"loss ({float(loss)})"
-
-
-def non_finite_gradient(model: nn.Module) -> str:
-    for name, param in model.named_parameters():
-        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-            return f"gradient of {name}"
-    return "gradient norm"
-
-
-def logprob_gap(batch: RolloutBatch, logprobs: Tensor) -> float:
-    """max |behaviour - current| log-prob over the completion tokens of ``batch`` (-inf if none).
-
-    Sampled at pass 0, before any update, this must be 0 up to float error: anything more means
-    the sampler and the loss see different distributions (dropout, filtering, precision).
-    """
-    mask = batch.completion_mask > 0
-    if not bool(mask.any()):
-        return -math.inf
-    return float((batch.behaviour_logprobs - logprobs).abs()[mask].max())

@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +224,94 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class ForwardOutput:
+    """What one teacher-forced forward over a batch's completions gives, per completion token."""
+
+    logprobs: Tensor  # [B, T], fp32, with gradient when the forward had one
+    entropy: Tensor | None = None  # [B, T], exact, detached
+    hidden: Tensor | None = None  # [B, T, H], the last hidden state that predicts token t
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module that maps the last hidden state to logits (the LM head), LoRA wrapper or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        raise RLBenchError(
+            f"{type(base).__name__} exposes no output embeddings (get_output_embeddings), so its "
+            f"trunk gives no hidden states to a value head; use a causal LM with an LM head"
+        )
+    return head
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the last hidden state (what a value head reads)."""
+    weight = getattr(output_head(model), "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise RLBenchError(f"{type(model).__name__}: its LM head has no [vocab, hidden] weight")
+    return int(weight.shape[1])
+
+
+@contextlib.contextmanager
+def capture_head_input(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Records the input of the LM head during a forward: the last hidden states, exactly the
+    positions the logits are computed for, at no cost (``output_hidden_states=True`` would keep
+    every layer's activations). The captured tensor carries the forward's gradient."""
+    captured: list[Tensor] = []
+    handle = output_head(model).register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def completion_forward(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+    with_hidden: bool = False,
+) -> ForwardOutput:
+    """Per-token log-probs of ``completion_ids`` under ``model`` in fp32, and optionally the
+    exact entropy and the last hidden states.
+
+    One teacher-forced forward over prompt + completion; logits are computed for completion
+    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)`` over the
+    first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if None).
+    The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached. The hidden
+    state at position t is the one that predicts completion token t (the state ``s_t`` a
+    value head scores).
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    num_completion = completion_ids.shape[1]
+    padded = not bool(prompt_mask.all())
+    hooks = capture_head_input(model) if with_hidden else contextlib.nullcontext([])
+    with hooks as captured:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask if padded else None,
+            position_ids=position_ids(mask) if padded else None,
+            use_cache=False,
+            logits_to_keep=num_completion + 1,
+        )
+    # position t predicts completion token t
+    logits = out.logits[:, :-1, :vocab_size].float() / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    hidden = captured[-1][:, -(num_completion + 1) : -1] if with_hidden else None
+    return ForwardOutput(logprobs, entropy, hidden)
+
+
 def completion_logprobs(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -233,33 +322,33 @@ def completion_logprobs(
     with_entropy: bool = False,
     vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs of ``completion_ids`` (and exact entropy) under ``model``, in fp32.
-
-    One teacher-forced forward over prompt + completion; logits are computed for completion
-    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)`` over the
-    first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if None).
-    The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached.
-    """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    num_completion = completion_ids.shape[1]
-    padded = not bool(prompt_mask.all())
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask if padded else None,
-        position_ids=position_ids(mask) if padded else None,
-        use_cache=False,
-        logits_to_keep=num_completion + 1,
+    """``(logprobs, entropy)`` of ``completion_forward``."""
+    out = completion_forward(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, with_entropy, vocab_size
     )
-    # position t predicts completion token t
-    logits = out.logits[:, :-1, :vocab_size].float() / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    return logprobs, entropy
+    return out.logprobs, out.entropy
+
+
+def batch_forward(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+    with_hidden: bool = False,
+) -> ForwardOutput:
+    """``completion_forward`` of a rollout batch's completions (policy, reference, critic)."""
+    return completion_forward(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.completion_ids,
+        batch.completion_mask,
+        temperature,
+        with_entropy=with_entropy,
+        vocab_size=vocab_size,
+        with_hidden=with_hidden,
+    )
 
 
 def batch_logprobs(
@@ -269,14 +358,6 @@ def batch_logprobs(
     with_entropy: bool = False,
     vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``completion_logprobs`` of a rollout batch's completions (policy, reference alike)."""
-    return completion_logprobs(
-        model,
-        batch.prompt_ids,
-        batch.prompt_mask,
-        batch.completion_ids,
-        batch.completion_mask,
-        temperature,
-        with_entropy=with_entropy,
-        vocab_size=vocab_size,
-    )
+    """``(logprobs, entropy)`` of ``batch_forward``."""
+    out = batch_forward(model, batch, temperature, with_entropy, vocab_size)
+    return out.logprobs, out.entropy

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rlbench.algorithm import cat_padded
 from rlbench.policy import cache_kwarg, position_ids
 
 
@@ -179,20 +180,6 @@ class DecodeLoop(RolloutBackend):
         return Rollout(
             completion_ids, completion_mask(completion_ids, self.eos_token_id), torch.stack(logprobs, 1)
         )
-
-
-def cat_padded(tensors: list[Tensor], value: float, left: bool = False) -> Tensor:
-    """Concatenates ``[rows, width]`` tensors along rows, padding each to the widest first
-    (on the left for left-padded prompts, on the right for completions)."""
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat(
-        [
-            torch.nn.functional.pad(
-                t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value
-            )
-            for t in tensors
-        ]
-    )
 
 
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:

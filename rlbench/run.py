@@ -229,8 +229,8 @@ def _train(
     try:
         trainer = pl.Trainer(
             # the module stops at max_steps rollout steps; Lightning counts optimiser steps, at
-            # most mu per rollout step, so this bound never cuts a run short
-            max_steps=max_steps * module.algorithm.passes_per_batch,
+            # most passes x minibatches per rollout step, so this bound never cuts a run short
+            max_steps=max_steps * module.optimizer_steps_per_rollout_step,
             accelerator=config.trainer.accelerator,
             devices=config.trainer.devices,
             num_nodes=config.trainer.num_nodes,

@@ -28,6 +28,9 @@ class Task(abc.ABC):
     Config: ClassVar[type]
     #: Every character prompts and answers use; tiny presets build a char tokenizer from it.
     alphabet: ClassVar[str]
+    #: Whether ``reward`` verifies a completion (false: a task that only supplies prompts, so
+    #: preference pairs cannot be built from it and must come from a file).
+    verifiable: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config

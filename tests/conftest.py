@@ -24,7 +24,7 @@ def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
             "warmstart.enabled=false",
             "rollout.prompts_per_step=4",
             "rollout.max_new_tokens=4",
-            "algorithm.group_size=4",
+            "algorithm.grpo.group_size=4",
             "trainer.max_steps=3",
             "eval.num_prompts=16",
             "eval.every_n_steps=2",

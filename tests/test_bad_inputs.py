@@ -61,7 +61,8 @@ rollout:
   prompts_per_step: 2
   max_new_tokens: 2
 algorithm:
-  group_size: 2
+  grpo:
+    group_size: 2
 trainer:
   max_steps: 1
 eval:
@@ -100,7 +101,7 @@ CASES = [
         "algorithm.name=grpoo",
         "algorithm.name='grpoo'",
         "did you mean 'grpo'?",
-        "valid algorithms: grpo",
+        "valid algorithms: dpo, grpo, ppo, rloo",
     ),
     case("unknown-task", "task.name=additon", "task.name='additon'", "valid tasks:", "arithmetic"),
     case(
@@ -129,9 +130,29 @@ CASES = [
     ),
     case(
         "unknown-plugin-option",
-        "algorithm.betta=0.1",
-        "algorithm.betta=0.1 is invalid: unknown field (did you mean 'beta'?)",
-        "valid fields of algorithm: name, group_size",
+        "algorithm.grpo.betta=0.1",
+        "algorithm.grpo.betta=0.1 is invalid: unknown field (did you mean 'beta'?)",
+        "valid fields of algorithm.grpo: group_size",
+    ),
+    case(
+        "algorithm-option-outside-its-section",
+        "algorithm.beta=0.0",
+        "algorithm.beta=0.0 is invalid: unknown algorithm section",
+        "(options go in the algorithm's own section: algorithm.grpo.beta)",
+        "valid: name, ",
+    ),
+    case(
+        "algorithm-option-outside-its-section-in-yaml",
+        "",
+        "algorithm.group_size=2 is invalid: unknown algorithm section",
+        "algorithm.grpo.group_size",
+        config=TINY.replace("  grpo:\n    group_size: 2\n", "  group_size: 2\n"),
+    ),
+    case(
+        "misspelt-algorithm-section",
+        "algorithm.grop.beta=0",
+        "algorithm.grop=",
+        "unknown algorithm section (did you mean 'grpo'?)",
     ),
     case("unknown-section", "bogus.x=1", "bogus=", "unknown field", "valid fields: output_dir, seed"),
     case("misspelt-section", "rollot.max_new_tokens=2", "rollot=", "did you mean 'rollout'?"),
@@ -141,8 +162,8 @@ CASES = [
     case("plugin-int-given-string", "task.digits=two", "task.digits='two' is invalid: an integer"),
     case(
         "bool-given-maybe",
-        "algorithm.scale_rewards=maybe",
-        "algorithm.scale_rewards='maybe' is invalid: true or false",
+        "algorithm.grpo.scale_rewards=maybe",
+        "algorithm.grpo.scale_rewards='maybe' is invalid: true or false",
     ),
     case("float-given-list", "optim.lr=[1,2]", "optim.lr=[1, 2] is invalid: a number"),
     case("list-given-scalar", "optim.betas=0.9", "optim.betas=0.9 is invalid: a list"),
@@ -159,9 +180,14 @@ CASES = [
         "trainer.devices=True is invalid: an integer or one of 'auto'",
     ),
     # ------------------------------------------------ out of range
-    case("group-size-negative", "algorithm.group_size=-2", "algorithm.group_size=-2 is invalid", ">= 1"),
-    case("eps-low-above-1", "algorithm.eps_low=1.5", "algorithm.eps_low=1.5 is invalid", "(0, 1)"),
-    case("beta-negative", "algorithm.beta=-1", "algorithm.beta=-1.0 is invalid", ">= 0"),
+    case(
+        "group-size-negative",
+        "algorithm.grpo.group_size=-2",
+        "algorithm.grpo.group_size=-2 is invalid",
+        ">= 1",
+    ),
+    case("eps-low-above-1", "algorithm.grpo.eps_low=1.5", "algorithm.grpo.eps_low=1.5 is invalid", "(0, 1)"),
+    case("beta-negative", "algorithm.grpo.beta=-1", "algorithm.grpo.beta=-1.0 is invalid", ">= 0"),
     case("temperature-zero", "rollout.temperature=0", "rollout.temperature=0.0 is invalid: a number > 0"),
     case("top-p-zero", "rollout.top_p=0", "rollout.top_p=0.0 is invalid: must be 1.0: training rollouts"),
     case("top-p-filtered", "rollout.top_p=0.9", "rollout.top_p=0.9 is invalid: must be 1.0", "temperature"),
@@ -181,19 +207,24 @@ CASES = [
         "trainer.precision=fp8",
         "trainer.precision='fp8' is invalid: one of '32-true', 'bf16-mixed', 'bf16-true', '16-mixed'",
     ),
-    case("mu-zero", "algorithm.mu=0", "algorithm.mu=0 is invalid", ">= 1"),
-    case("kl-estimator-k4", "algorithm.kl_estimator=k4", "algorithm.kl_estimator='k4'", "'k1', 'k2', 'k3'"),
+    case("mu-zero", "algorithm.grpo.mu=0", "algorithm.grpo.mu=0 is invalid", ">= 1"),
+    case(
+        "kl-estimator-k4",
+        "algorithm.grpo.kl_estimator=k4",
+        "algorithm.grpo.kl_estimator='k4'",
+        "'k1', 'k2', 'k3'",
+    ),
     case(
         "loss-aggregation-sum",
-        "algorithm.loss_aggregation=sum",
-        "algorithm.loss_aggregation='sum' is invalid",
+        "algorithm.grpo.loss_aggregation=sum",
+        "algorithm.grpo.loss_aggregation='sum' is invalid",
         "'seq_mean_token_mean', 'token_mean', 'seq_mean_token_sum_norm'",
     ),
     # ------------------------------------------------ contradictory options
     case(
         "group-of-one-with-scaled-rewards",
-        "algorithm.group_size=1 algorithm.scale_rewards=true",
-        "algorithm.group_size=1 is invalid",
+        "algorithm.grpo.group_size=1 algorithm.grpo.scale_rewards=true",
+        "algorithm.grpo.group_size=1 is invalid",
         "set scale_rewards false or group_size >= 2",
     ),
     case(
@@ -272,9 +303,9 @@ CASES = [
     case(
         "yaml-unclosed-list",
         "",
-        "config file '{config}': YAML syntax error at line 5",
-        "(while parsing a flow sequence at line 4)",
-        config="seed: 1\nalgorithm:\n  name: grpo\n  beta: [0.1\n",
+        "config file '{config}': YAML syntax error at line 6",
+        "(while parsing a flow sequence at line 5)",
+        config="seed: 1\nalgorithm:\n  name: grpo\n  grpo:\n    beta: [0.1\n",
     ),
     case(
         "yaml-is-a-list",
@@ -292,13 +323,19 @@ CASES = [
     case(
         "yaml-plugin-section-is-a-scalar",
         "",
-        "algorithm=5 is invalid: a mapping with 'name' and the algorithm's options",
+        "algorithm=5 is invalid: a mapping with 'name' and one sub-section per algorithm",
         config="algorithm: 5\n",
     ),
     case(
+        "yaml-algorithm-options-are-a-scalar",
+        "",
+        "algorithm.grpo=5 is invalid: a mapping of GRPOConfig fields",
+        config="algorithm:\n  grpo: 5\n",
+    ),
+    case(
         "override-without-equals",
-        "algorithm.beta",
-        "algorithm.beta",
+        "algorithm.grpo.beta",
+        "algorithm.grpo.beta=",
         "overrides are written dotted.key=value",
     ),
     case("config-flag-missing", "", "the following arguments are required: --config", config=NO_CONFIG),
@@ -501,6 +538,8 @@ def test_bad_input_is_refused_with_one_message(
         pytest.param("model.name_or_path={empty_model}", id="model-dir-empty"),
         pytest.param("model.lora.r=2 model.lora.target_modules=[nope]", id="lora-target-not-in-model"),
         pytest.param("trainer.accelerator=cpuu", id="accelerator-unknown"),
+        pytest.param("algorithm.beta=0.0", id="algorithm-option-outside-its-section"),
+        pytest.param("algorithm.grop.beta=0", id="misspelt-algorithm-section"),
         pytest.param(f"model.name_or_path=./no/such/dir {WARMSTART_ON}", id="model-path-does-not-exist"),
         pytest.param(f"{EVAL_TOO_LARGE} --resume", id="resume-into-a-new-directory"),
     ],

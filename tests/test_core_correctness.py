@@ -114,7 +114,7 @@ class FixedCompletions(RolloutBackend):
 
 
 def test_special_token_before_eos_scores_zero_and_is_never_correct(make_config):
-    module = module_for(make_config("algorithm.group_size=4", "rollout.prompts_per_step=1"))
+    module = module_for(make_config("algorithm.grpo.group_size=4", "rollout.prompts_per_step=1"))
     tok = module.tokenizer
     four, five, eos = tok.convert_tokens_to_ids("4"), tok.convert_tokens_to_ids("5"), tok.eos_token_id
     pad, unk, bos = tok.pad_token_id, tok.unk_token_id, tok.bos_token_id
@@ -200,14 +200,14 @@ def dropout_model(tmp_path: Path) -> str:
 
 def test_dropout_is_off_so_sampler_and_loss_see_one_policy(make_config, tmp_path: Path):
     config = make_config(
-        "algorithm.mu=2", "rollout.max_new_tokens=6", "model.lora.r=2", "model.lora.dropout=0.1"
+        "algorithm.grpo.mu=2", "rollout.max_new_tokens=6", "model.lora.r=2", "model.lora.dropout=0.1"
     )
     module = RLModule(config, dropout_model(tmp_path))
     ratios: list[tuple[float, float]] = []
     loss = module.algorithm.loss
 
-    def recording_loss(logprobs: torch.Tensor, batch: RolloutBatch, scale: Any) -> Any:
-        out = loss(logprobs, batch, scale)
+    def recording_loss(logprobs: torch.Tensor, batch: RolloutBatch, scale: Any, hidden: Any = None) -> Any:
+        out = loss(logprobs, batch, scale, hidden)
         ratios.append((float(out[1]["ratio_min"]), float(out[1]["ratio_max"])))
         return out
 
@@ -262,7 +262,7 @@ def test_inverse_cdf_never_draws_a_zero_probability_token():
 
 
 def test_behaviour_logprob_gap_is_logged_and_zero(make_config):
-    config = make_config("logging.mlflow=false", "trainer.max_steps=2", "algorithm.mu=2")
+    config = make_config("logging.mlflow=false", "trainer.max_steps=2", "algorithm.grpo.mu=2")
     train(config, progress_bar=False)
     gaps = csv_metric(Path(config.output_dir), "train/behaviour_logprob_gap")
     assert sorted(gaps) == [0, 1] and max(gaps.values()) < 1e-4
@@ -300,7 +300,7 @@ class CheckpointSpy:
 
 def test_checkpoints_and_max_steps_count_rollout_steps_with_mu(make_config):
     config = make_config(
-        "logging.mlflow=false", "algorithm.mu=3", "trainer.max_steps=7", "trainer.checkpoint_every=5"
+        "logging.mlflow=false", "algorithm.grpo.mu=3", "trainer.max_steps=7", "trainer.checkpoint_every=5"
     )
     spy = CheckpointSpy(Path(config.output_dir) / "checkpoints")
     summary = train(config, progress_bar=False, callbacks=[spy.as_callback()])
@@ -402,10 +402,12 @@ def test_decode_loop_uses_the_cache_argument_without_deprecation_warnings(preset
 
 
 def test_pi_old_costs_no_extra_forward(make_config):
-    module = module_for(make_config("algorithm.mu=2", "algorithm.beta=0", "train.micro_batch_size=8"))
+    module = module_for(
+        make_config("algorithm.grpo.mu=2", "algorithm.grpo.beta=0", "train.micro_batch_size=8")
+    )
     calls: list[int] = []
-    score = module.policy_logprobs
-    module.policy_logprobs = lambda batch, **kw: (calls.append(len(batch)), score(batch, **kw))[1]  # type: ignore[method-assign]
+    score = module.policy_forward
+    module.policy_forward = lambda batch, **kw: (calls.append(len(batch)), score(batch, **kw))[1]  # type: ignore[method-assign]
     run_steps(module, 1)
     # 16 rows in micro-batches of 8, mu = 2 passes: 4 forwards; pi_old is pass 0's, not a 5th-6th
     assert calls == [8, 8, 8, 8]

@@ -31,7 +31,7 @@ def run_cli(
         f"warmstart.cache_dir={tmp_path / 'cache'}",
         "warmstart.target_accuracy=0.1",
         "rollout.prompts_per_step=4",
-        "algorithm.group_size=4",
+        "algorithm.grpo.group_size=4",
         "rollout.max_new_tokens=4",
         "trainer.max_steps=3",
         "eval.num_prompts=16",
@@ -87,11 +87,11 @@ def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path)
     run before its first step. Now the processes select the groups one process would, pad with
     zero-weight micro-batches, and end with the 1-process parameters."""
     common = (
-        "algorithm.dynamic_sampling=true",
-        "algorithm.max_resample_rounds=0",
+        "algorithm.grpo.dynamic_sampling=true",
+        "algorithm.grpo.max_resample_rounds=0",
         "rollout.prompts_per_step=8",
         "train.micro_batch_size=4",
-        "algorithm.beta=0",
+        "algorithm.grpo.beta=0",
     )
     one, one_summary = run_cli(tmp_path, "one", *common, timeout=300)
     two, two_summary = run_cli(
@@ -107,3 +107,34 @@ def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path)
 def kept_groups(run: Path) -> list[float]:
     rows = csv.DictReader((run / "csv" / "metrics.csv").open())
     return [float(r["train/kept_groups"]) for r in rows if r.get("train/kept_groups")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        # PPO: a value head (a submodule whose gradients DDP averages too), whitening over
+        # both processes' tokens, and an adaptive KL coefficient updated from global metrics
+        (
+            "algorithm.name=ppo",
+            "algorithm.ppo.group_size=2",
+            "algorithm.ppo.adaptive_kl=true",
+            "algorithm.ppo.critic_lr=1e-2",
+        ),
+        # DPO: pairs built once (by rank 0, under the cache lock), each process a share of a step's pairs
+        ("algorithm.name=dpo", "algorithm.dpo.num_prompts=256"),
+    ],
+    ids=["ppo", "dpo"],
+)
+def test_two_process_ddp_matches_one_process_for_other_algorithms(tmp_path: Path, algorithm: tuple[str, ...]):
+    one, one_summary = run_cli(tmp_path, "one", *algorithm, timeout=300)
+    two, two_summary = run_cli(
+        tmp_path, "two", *algorithm, "trainer.devices=2", "trainer.strategy=ddp", timeout=300
+    )
+    assert two_summary["steps"] == one_summary["steps"] == 3
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, atol=1e-5), name
+    if "algorithm.name=ppo" in algorithm:
+        head = one["algorithm_modules.value_head.linear.weight"]
+        assert head.abs().sum() > 0  # the zero-initialised value head trained

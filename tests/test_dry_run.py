@@ -67,7 +67,7 @@ def qwen_config(tmp_path: Path, qwen_dir: Path, *overrides: str):
 
 
 def test_qwen_dry_run_counts_published_parameters_and_writes_nothing(tmp_path, qwen_dir):
-    config = qwen_config(tmp_path, qwen_dir, "rollout.prompts_per_step=8", "algorithm.group_size=8")
+    config = qwen_config(tmp_path, qwen_dir, "rollout.prompts_per_step=8", "algorithm.grpo.group_size=8")
     started = time.perf_counter()
     report = dry_run(config)
     elapsed = time.perf_counter() - started

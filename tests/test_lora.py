@@ -167,7 +167,7 @@ def test_lora_reference_shares_the_policy_weights(make_config):
     assert module.reference.model is module.policy  # no second copy of the weights
     trainable = {n for n, p in module.policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert module_for(make_config("model.lora.r=4", "algorithm.beta=0")).reference is None
+    assert module_for(make_config("model.lora.r=4", "algorithm.grpo.beta=0")).reference is None
 
 
 def test_unknown_target_module_names_the_field_and_real_layer_names(make_config):

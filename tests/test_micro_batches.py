@@ -26,7 +26,7 @@ def test_loss_and_update_do_not_depend_on_micro_batch_sizes(make_config, tmp_pat
     common = (
         "logging.mlflow=false",
         "trainer.max_steps=2",
-        f"algorithm.loss_aggregation={aggregation}",
+        f"algorithm.grpo.loss_aggregation={aggregation}",
         "rollout.max_new_tokens=6",
     )
     whole_state, whole_loss = final_state(make_config(*common, f"output_dir={tmp_path / 'whole'}"))

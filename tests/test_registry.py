@@ -28,7 +28,8 @@ def test_duplicate_name_raises():
 def test_unknown_name_suggests_and_lists():
     with pytest.raises(RegistryError) as info:
         ALGORITHMS.get("gpro")
-    assert str(info.value) == "unknown algorithm 'gpro' (did you mean 'grpo'?); valid algorithms: grpo"
+    valid = ", ".join(ALGORITHMS.names())
+    assert str(info.value) == f"unknown algorithm 'gpro' (did you mean 'grpo'?); valid algorithms: {valid}"
 
 
 def test_builtins_come_from_entry_points():

@@ -30,7 +30,7 @@ def command(tmp_path: Path, name: str, *extra: str) -> list[str]:
         f"warmstart.cache_dir={tmp_path / 'cache'}",
         "warmstart.target_accuracy=0.1",
         "rollout.prompts_per_step=4",
-        "algorithm.group_size=4",
+        "algorithm.grpo.group_size=4",
         "trainer.max_steps=24",
         "trainer.checkpoint_every=3",
         "eval.every_n_steps=5",
@@ -65,12 +65,27 @@ def mlflow_history(run: Path, uri: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
+#: PPO brings a value head (parameters and their optimiser state), two optimiser steps per
+#: rollout step and an adaptive KL coefficient (algorithm state): all must come back on resume.
+ALGORITHMS = {
+    "grpo": (),
+    "ppo": (
+        "algorithm.name=ppo",
+        "algorithm.ppo.group_size=4",
+        "algorithm.ppo.adaptive_kl=true",
+        "algorithm.ppo.minibatches=2",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
-    finish(command(tmp_path, "whole"))
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, algorithm: str):
+    options = ALGORITHMS[algorithm]
+    finish(command(tmp_path, "whole", *options))
 
     killed = subprocess.Popen(
-        command(tmp_path, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(tmp_path, "killed", *options), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
@@ -79,14 +94,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path):
     time.sleep(random.Random(0).uniform(0.0, 1.0))  # somewhere after the first checkpoint
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted_at = torch.load(last, weights_only=True)["global_step"]
+    interrupted_at = torch.load(last, weights_only=True)["rlbench_state"]["rollout_step"]
     assert 3 <= interrupted_at < 24
 
-    finish(command(tmp_path, "killed", "--resume"))
+    finish(command(tmp_path, "killed", "--resume", *options))
 
     whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
     resumed = torch.load(last, weights_only=True)
-    assert resumed["global_step"] == whole["global_step"] == 24
+    assert resumed["rlbench_state"]["rollout_step"] == whole["rlbench_state"]["rollout_step"] == 24
+    assert resumed["global_step"] == whole["global_step"] == 24 * (2 if algorithm == "ppo" else 1)
+    assert resumed["rlbench_state"]["algorithm"] == whole["rlbench_state"]["algorithm"]
+    if algorithm == "ppo":
+        assert any(name.startswith("algorithm_modules.value_head") for name in whole["state_dict"])
+        assert whole["rlbench_state"]["algorithm"]["kl_coef"] != 0.05  # the controller moved it
     for name, value in whole["state_dict"].items():
         assert torch.allclose(resumed["state_dict"][name], value, atol=1e-6), name
 

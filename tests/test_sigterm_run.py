@@ -61,7 +61,7 @@ def test_sigterm_ends_a_run_stuck_in_a_collective(tmp_path: Path):
         "warmstart.enabled=false",
         "task.name=test-rank-1-hangs",
         "rollout.prompts_per_step=4",
-        "algorithm.group_size=2",
+        "algorithm.grpo.group_size=2",
         "rollout.max_new_tokens=3",
         "trainer.max_steps=50",
         "trainer.checkpoint_every=1",

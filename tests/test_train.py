@@ -64,7 +64,9 @@ def test_run_logs_every_metric_to_csv_and_mlflow(make_config):
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run_id = (out / "mlflow_run_id").read_text()
     run = client.get_run(run_id)
-    assert run.data.params["algorithm.name"] == "grpo" and run.data.params["algorithm.beta"] == "0.04"
+    params = run.data.params
+    assert params["algorithm.name"] == "grpo" and params["algorithm.grpo.beta"] == "0.04"
+    assert "algorithm.beta" not in params  # options are logged under their algorithm's section
     for name in STEP_METRICS:
         assert len(client.get_metric_history(run_id, name)) == 3, name
     assert len(client.get_metric_history(run_id, "eval/accuracy")) == 3
@@ -108,7 +110,9 @@ def test_reward_of_wrong_length_is_refused(make_config):
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(make_config):
-    config = make_config("task.name=test-coin", "algorithm.dynamic_sampling=true", "algorithm.group_size=2")
+    config = make_config(
+        "task.name=test-coin", "algorithm.grpo.dynamic_sampling=true", "algorithm.grpo.group_size=2"
+    )
     module = module_for(config)
     batch, first, metrics = module.rollouts.collect(module.policy, step=0)
     groups = batch.rewards.view(-1, 2)
@@ -120,7 +124,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(make_config):
 
 
 def test_beta_zero_loads_no_reference(make_config):
-    assert module_for(make_config("algorithm.beta=0")).reference is None
+    assert module_for(make_config("algorithm.grpo.beta=0")).reference is None
     module = module_for(make_config())
     assert module.reference is not None
     assert not any(name.startswith("reference") for name in module.state_dict())  # not checkpointed

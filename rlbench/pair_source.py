@@ -1,0 +1,238 @@
+"""Preference pairs as experience: the ``ExperienceSource`` of algorithms that learn from pairs.
+
+The pairs come from a user's JSONL file (``pairs_file``) or from the task's verifier: ``k``
+samples per prompt from the starting policy -- the warm start, which is also the frozen
+reference -- scored, and a rewarded completion paired with an unrewarded one
+(``rlbench.pairs.build_pairs``). Either way they are written once, with the reference's
+per-sequence log-probs, to ``<warmstart.cache_dir>/pairs/<key>/pairs.jsonl``; the key hashes
+what shapes the pairs (starting model, task, sampling and pairing options) but not the run's
+seed or the loss options, so every seed and every DPO variant trains on identical pairs.
+
+Step ``s`` takes ``rollout.prompts_per_step`` pairs, walking a seeded permutation of the pairs
+epoch after epoch; each process takes a contiguous share. With ``refresh_every: N`` the pairs
+are rebuilt from the current policy every ``N`` steps (scored by the loaded reference) and
+saved under ``output_dir/pairs/``, so a resumed run reads the very pairs it trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlbench.algorithm import Algorithm, RolloutBatch, cat_padded
+from rlbench.cache import build_once
+from rlbench.config import RunConfig, config_hash
+from rlbench.data import PromptSource
+from rlbench.errors import RLBenchError
+from rlbench.evaluation import encode_prompts, read_completions
+from rlbench.experience import Gather, RolloutCollector, micro_batches
+from rlbench.pairs import PreferencePair, build_pairs, check_pairs, read_pairs, write_pairs
+from rlbench.rollout import derive_seed
+
+PAIRS_FILE = "pairs.jsonl"
+_ORDER, _REFRESH = 21, 22  # seed salts: the pairs' order per epoch, refreshed pair sets
+
+#: Per-token log-probs of a batch under the reference, ``[B, T]``.
+ReferenceScorer = Callable[[RolloutBatch], Tensor]
+
+
+def pairs_cache_dir(config: RunConfig, model_path: str, options: Any) -> Path:
+    """Where the pairs of this starting model, task and pair options are cached."""
+    fields = ("pairs_file", "num_prompts", "samples_per_prompt", "pairs_per_prompt", "pairs_seed")
+    key = config_hash(
+        model_path,
+        config.task,
+        {name: getattr(options, name) for name in fields},
+        config.rollout.max_new_tokens,
+        config.rollout.temperature,
+    )
+    return Path(config.warmstart.cache_dir) / "pairs" / f"{config.task.name}-{key}"
+
+
+class PairSource:
+    """Serves each step's preference pairs as a ``RolloutBatch`` (row 2p chosen, 2p + 1 rejected)."""
+
+    on_policy = False
+    rows_per_example = 2
+
+    def __init__(
+        self,
+        config: RunConfig,
+        algorithm: Algorithm,
+        sampler: RolloutCollector,
+        model_path: str,
+        reference: ReferenceScorer,
+    ) -> None:
+        self.config = config
+        self.options = algorithm.config
+        self.algorithm = algorithm
+        self.sampler = sampler
+        self.tokenizer = sampler.tokenizer
+        self.reference = reference
+        self.pairs: list[PreferencePair] = []
+        self.pairs_from = 0  # the step the current pair set was built at (0, or a refresh)
+        pairs_file = self.options.pairs_file
+        # a bad file or setting fails now, before the run writes anything
+        self.user_pairs = check_pairs(read_pairs(Path(pairs_file)), pairs_file) if pairs_file else None
+        if self.user_pairs is None and not sampler.task.verifiable:
+            raise RLBenchError(
+                f"algorithm {config.algorithm.name!r} on task {config.task.name!r}: the task has no "
+                f"verifier to build preference pairs from; give a JSONL of pairs in "
+                f"algorithm.{config.algorithm.name}.pairs_file"
+            )
+        self.cache = pairs_cache_dir(config, model_path, self.options)
+
+    # ------------------------------------------------------------------ set-up and refresh
+
+    def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
+        """Builds (once, under a lock) or reads the cached pairs; on resume, the latest refresh."""
+        refresh = self.options.refresh_every
+        if step > 0 and not (self.cache / PAIRS_FILE).is_file():
+            raise RLBenchError(
+                f"resuming at step {step}: the cached preference pairs {str(self.cache)!r} are gone, "
+                f"and the policy has moved since, so they cannot be rebuilt as they were"
+            )
+
+        def build(tmp: Path) -> None:
+            pairs = self.user_pairs or self.sample_pairs(policy, self.options.pairs_seed)
+            write_pairs(tmp / PAIRS_FILE, self.with_reference_logprobs(pairs, policy))
+
+        build_once(self.cache, build, complete=lambda d: (d / PAIRS_FILE).is_file())
+        self.pairs = read_pairs(self.cache / PAIRS_FILE)
+        self.pairs_from = 0
+        last_refresh = (step // refresh) * refresh if refresh else 0
+        if last_refresh > 0:
+            saved = self.refresh_file(last_refresh)
+            if not saved.is_file():
+                raise RLBenchError(
+                    f"resuming at step {step}: the pairs refreshed at step {last_refresh} "
+                    f"({str(saved)!r}) are missing"
+                )
+            self.pairs, self.pairs_from = read_pairs(saved), last_refresh
+
+    def refresh_file(self, step: int) -> Path:
+        return Path(self.config.output_dir) / "pairs" / f"step-{step}.jsonl"
+
+    def sample_pairs(self, policy: nn.Module, seed: int) -> list[PreferencePair]:
+        """Pairs from ``samples_per_prompt`` samples of ``num_prompts`` train prompts, scored
+        by the task's verifier (a special token before EOS scores 0, as in training)."""
+        opts = self.options
+        k = opts.samples_per_prompt
+        source = PromptSource(self.sampler.task, opts.num_prompts, seed)
+        sampler = RolloutCollector(
+            task=self.sampler.task,
+            task_name=self.sampler.task_name,
+            algorithm=self.algorithm,
+            source=source,
+            backend=self.sampler.backend,
+            sampling=self.sampler.sampling,
+            tokenizer=self.tokenizer,
+            micro_batch_size=self.sampler.micro_batch_size,
+            group_size=k,
+        )
+        prompts = source.batch(0)
+        batch, _ = sampler.sample(policy, prompts)
+        texts, _ = read_completions(self.tokenizer, batch.completion_ids, batch.completion_mask)
+        rewards = batch.rewards.view(-1, k).tolist()
+        completions = [texts[i * k : (i + 1) * k] for i in range(len(prompts.prompts))]
+        pairs = build_pairs(
+            [p.text for p in prompts.prompts], completions, rewards, seed, opts.pairs_per_prompt
+        )
+        if not pairs:
+            raise RLBenchError(
+                f"no preference pair in {len(prompts.prompts)} prompts x {k} samples: every prompt's "
+                f"samples scored the same (all right or all wrong); raise algorithm.dpo.samples_per_prompt "
+                f"or rollout.temperature, or start from a warm start that is neither hopeless nor perfect"
+            )
+        return pairs
+
+    def with_reference_logprobs(self, pairs: list[PreferencePair], policy: nn.Module) -> list[PreferencePair]:
+        """The pairs with the reference's summed log-probs of chosen and rejected (computed once)."""
+        device = next(policy.parameters()).device
+        out: list[PreferencePair] = []
+        size = max(2, self.config.train.micro_batch_size or 256)
+        for rows in micro_batches(len(pairs), size // 2):
+            chunk = pairs[rows]
+            batch = self.encode(chunk, device)
+            sums = (self.reference(batch) * batch.completion_mask).sum(-1).tolist()
+            for i, pair in enumerate(chunk):
+                out.append(
+                    PreferencePair(
+                        pair.prompt,
+                        pair.chosen,
+                        pair.rejected,
+                        pair.chosen_reward,
+                        pair.rejected_reward,
+                        ref_chosen_logp=sums[2 * i],
+                        ref_rejected_logp=sums[2 * i + 1],
+                    )
+                )
+        return out
+
+    # ------------------------------------------------------------------ batches
+
+    def collect(
+        self, policy: nn.Module, step: int, rank: int = 0, world: int = 1, gather: Gather | None = None
+    ) -> tuple[RolloutBatch, RolloutBatch, dict[str, float]]:
+        refresh = self.options.refresh_every
+        if refresh and step > 0 and step % refresh == 0 and self.pairs_from != step:
+            self.refresh(policy, step, rank)
+        per_step = self.config.rollout.prompts_per_step
+        share = per_step // world
+        start = (step - self.pairs_from) * per_step + rank * share
+        chosen = [self.pair_at(i) for i in range(start, start + share)]
+        device = next(policy.parameters()).device
+        batch = self.encode(chosen, device)
+        return batch, batch, {"train/num_pairs": float(len(self.pairs))}
+
+    def refresh(self, policy: nn.Module, step: int, rank: int) -> None:
+        """Online DPO: new pairs sampled from the current policy, scored by the reference."""
+        pairs = self.sample_pairs(policy, derive_seed(self.options.pairs_seed, _REFRESH, step))
+        self.pairs, self.pairs_from = self.with_reference_logprobs(pairs, policy), step
+        if rank == 0:
+            write_pairs(self.refresh_file(step), self.pairs)
+
+    def pair_at(self, position: int) -> PreferencePair:
+        """The pair at ``position`` of the endless stream: epoch after epoch of seeded permutations."""
+        epoch, index = divmod(position, len(self.pairs))
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.config.seed, _ORDER, self.pairs_from, epoch)
+        )
+        order = torch.randperm(len(self.pairs), generator=generator)
+        return self.pairs[int(order[index])]
+
+    def encode(self, pairs: list[PreferencePair], device: torch.device) -> RolloutBatch:
+        """Rows ``2p`` (chosen) and ``2p + 1`` (rejected): the prompt left-padded, the completion
+        right-padded and closed with EOS, as the sampler would have ended it."""
+        texts = [p.prompt for p in pairs for _ in range(2)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        completions = [c for p in pairs for c in (p.chosen, p.rejected)]
+        encoded = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
+        ids = [torch.tensor([*row, eos], device=device) for row in encoded]
+        completion_ids = cat_padded([t.unsqueeze(0) for t in ids], pad)
+        completion_mask = cat_padded([torch.ones(1, len(t), device=device) for t in ids], 0.0)
+        rewards = [
+            r
+            for p in pairs
+            for r in (
+                1.0 if p.chosen_reward is None else p.chosen_reward,
+                0.0 if p.rejected_reward is None else p.rejected_reward,
+            )
+        ]
+        ref = [x for p in pairs for x in (p.ref_chosen_logp, p.ref_rejected_logp)]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            rewards=torch.tensor(rewards, dtype=torch.float32, device=device),
+            group_size=2,
+            ref_sequence_logprobs=None
+            if any(x is None for x in ref)
+            else torch.tensor(ref, dtype=torch.float32, device=device),
+        )
