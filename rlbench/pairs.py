@@ -8,7 +8,8 @@ On disk a pairs file holds one JSON object per line::
 
     {"prompt": "2+3=", "chosen": "5", "rejected": "6", "chosen_reward": 1.0, "rejected_reward": 0.0}
 
-``prompt``, ``chosen`` and ``rejected`` are required non-empty strings; the rewards and the
+``prompt``, ``chosen`` and ``rejected`` are required strings (the prompt non-empty; a completion
+may be empty: EOS at once); the rewards and the
 reference's per-sequence log-probs (``ref_chosen_logp``, ``ref_rejected_logp``, cached so a
 run need not recompute them) are optional numbers. Blank lines are skipped.
 
@@ -144,7 +145,8 @@ def _parse_pair(record: Any, where: str) -> PreferencePair:
         value = record[key]
         if not isinstance(value, str):
             raise RLBenchError(f"{where}: field {key!r} must be a string, got {_type_name(value)}")
-        if not value:
+        # a completion may be empty (EOS at once: a common rejected sample); a prompt may not
+        if key == "prompt" and not value:
             raise RLBenchError(f"{where}: field {key!r} is an empty string")
     for key in _NUMBER_FIELDS:
         value = record.get(key)

@@ -115,7 +115,7 @@ def test_blank_lines_are_skipped_and_ints_read_as_floats(tmp_path: Path) -> None
             '{"prompt": null, "chosen": "a", "rejected": "b"}',
             ["line 3: field 'prompt' must be a string, got null"],
         ),
-        ('{"prompt": "p", "chosen": "", "rejected": "b"}', ["line 3: field 'chosen' is an empty string"]),
+        ('{"prompt": "", "chosen": "a", "rejected": "b"}', ["line 3: field 'prompt' is an empty string"]),
         (
             '{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_reward": "1.0"}',
             ["line 3: field 'chosen_reward' must be a number, got str"],

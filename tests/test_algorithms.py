@@ -1,0 +1,385 @@
+"""PPO, DPO and RLOO through the one algorithm contract: their maths against hand-computed
+values, and what the module gives every algorithm (scores before ``prepare``, trainable
+modules in the optimiser and guard, algorithm state, losses that add up, generic batches)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from algorithms.dpo import DPO, DPOConfig, preference_loss
+from algorithms.ppo import PPO, PPOConfig
+from algorithms.rloo import RLOO, RLOOConfig
+from rlbench.algorithm import LossScale, RolloutBatch
+from rlbench.errors import ConfigError, RLBenchError
+from rlbench.guard import non_finite_gradient
+from rlbench.metrics import combine_micro_batches, reduce_over_processes
+from rlbench.module import RLModule
+from rlbench.pair_source import PAIRS_FILE
+from rlbench.pairs import read_pairs
+from rlbench.policy import resolve_model_path
+from tasks.arithmetic import Arithmetic
+
+
+def batch_of(rewards: list[float], group_size: int, width: int = 3, **fields: Any) -> RolloutBatch:
+    rows = len(rewards)
+    return RolloutBatch(
+        prompt_ids=torch.zeros(rows, 2, dtype=torch.long),
+        prompt_mask=torch.ones(rows, 2, dtype=torch.long),
+        completion_ids=torch.zeros(rows, width, dtype=torch.long),
+        completion_mask=fields.pop("completion_mask", torch.ones(rows, width)),
+        rewards=torch.tensor(rewards),
+        group_size=group_size,
+        **fields,
+    )
+
+
+# ---------------------------------------------------------------- RLOO
+
+
+def test_rloo_baseline_is_the_mean_of_the_others():
+    algo = RLOO(RLOOConfig(group_size=4, beta=0.0))
+    batch = algo.prepare(batch_of([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0], 4))
+    # group 1: 1 - (0+0+1)/3 = 2/3, 0 - (1+0+1)/3 = -2/3; group 2: 1 - 2/3 = 1/3, 0 - 1 = -1
+    expected = [2 / 3, -2 / 3, -2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, -1.0]
+    assert batch.advantages.tolist() == pytest.approx(expected)
+    assert not algo.needs_reference and not algo.needs_scores
+
+
+def test_rloo_with_kl_in_the_reward_by_hand():
+    algo = RLOO(RLOOConfig(group_size=2, beta=0.1, kl_in="reward", kl_estimator="k1"))
+    assert algo.needs_reference and algo.needs_scores  # pi_old and pi_ref before prepare
+    old = torch.tensor([[-1.0, -0.5], [-1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -0.5], [-1.0, -1.0]])
+    batch = algo.prepare(batch_of([1.0, 0.0], 2, width=2, old_logprobs=old, ref_logprobs=ref))
+    # k1 = log pi_old - log pi_ref: row 0 sums to 0.5 -> reward 1 - 0.1 * 0.5 = 0.95; row 1: 0
+    # leave-one-out over 2: A = [0.95 - 0, 0 - 0.95]
+    assert batch.advantages.tolist() == pytest.approx([0.95, -0.95])
+    scale = LossScale(2, 4, 2)
+    _, metrics = algo.loss(old.clone().requires_grad_(), batch, scale)
+    assert "kl" not in metrics  # the KL is in the reward, not in the loss
+
+
+def test_rloo_needs_two_completions():
+    with pytest.raises(ConfigError, match="group_size=1 is invalid: an integer >= 2"):
+        RLOOConfig(group_size=1)
+
+
+# ---------------------------------------------------------------- PPO
+
+
+def ppo_batch(**fields: Any) -> RolloutBatch:
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    zeros = torch.zeros(2, 3)
+    fields = {"old_logprobs": zeros, "ref_logprobs": zeros, "old_values": zeros, **fields}
+    return batch_of([1.0, 0.0], 1, completion_mask=mask, **fields)
+
+
+def test_ppo_terminal_reward_reaches_every_token_without_discount():
+    algo = PPO(PPOConfig(kl_ctl=0.0, gamma=1.0, lam=1.0, whiten_advantages=False))
+    batch = algo.prepare(ppo_batch())
+    # V = 0, gamma = lam = 1: A_t = the sum of the rewards from t on = the outcome reward
+    assert batch.advantages.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert batch.returns.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_ppo_kl_in_the_reward_by_hand():
+    algo = PPO(PPOConfig(kl_ctl=0.1, kl_estimator="k1", gamma=1.0, lam=1.0, whiten_advantages=False))
+    old = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -1.0, -9.0]])  # row 1's last token is padding
+    batch = algo.prepare(ppo_batch(old_logprobs=old, ref_logprobs=ref))
+    # row 0: k1 = [0.5, 0, -0.5] -> R = [-0.05, 0, 0.05 + 1] -> A_t = sum_{l >= t} R_l
+    assert batch.advantages[0].tolist() == pytest.approx([1.0, 1.05, 1.05])
+    # row 1: no KL, reward 0, the padded token counts for nothing
+    assert batch.advantages[1].tolist() == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_ppo_whitening_is_global_over_processes():
+    algo = PPO(PPOConfig(kl_ctl=0.0, gamma=1.0, lam=1.0))
+    sums: list[torch.Tensor] = []
+
+    def two_identical_processes(local: torch.Tensor) -> torch.Tensor:
+        sums.append(local.clone())
+        return 2 * local  # another process with the same batch: mean and variance unchanged
+
+    alone = algo.prepare(ppo_batch()).advantages
+    together = algo.prepare(ppo_batch(), two_identical_processes).advantages
+    assert sums, "prepare must whiten through the collective"
+    assert torch.allclose(alone, together, atol=1e-6)
+    mask = ppo_batch().completion_mask.bool()
+    assert float(alone[mask].mean()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_by_hand():
+    algo = PPO(PPOConfig(kl_ctl=0.05, adaptive_kl=True, target_kl=0.02, kl_horizon=10000))
+    # KL 0.03: error 0.5, clipped to 0.2 -> 0.05 * (1 + 0.2 * 128 / 10000)
+    assert algo.end_step({"train/kl": 0.03}, 128) == {"train/kl_coef": pytest.approx(0.050128)}
+    # KL 0.019: error -0.05 -> * (1 - 0.05 * 100 / 10000)
+    assert algo.end_step({"train/kl": 0.019}, 100)["train/kl_coef"] == pytest.approx(0.050128 * 0.9995)
+    saved = algo.state_dict()
+    fresh = PPO(PPOConfig(kl_ctl=0.05, adaptive_kl=True))
+    fresh.load_state_dict(saved)
+    assert fresh.kl_coef == algo.kl_coef != 0.05
+    fixed = PPO(PPOConfig(kl_ctl=0.05))
+    assert fixed.end_step({"train/kl": 1.0}, 128) == {"train/kl_coef": 0.05}
+
+
+class LMHeadOnly(nn.Module):
+    """The least a value head needs of a model: an output embedding of shape [vocab, hidden]."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(hidden, vocab)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def test_ppo_loss_is_the_sum_of_its_shares_and_they_add_up_over_micro_batches():
+    torch.manual_seed(0)
+    algo = PPO(PPOConfig(vf_coef=0.5, cliprange_value=0.0))
+    algo.build_modules(LMHeadOnly(hidden=4, vocab=7))
+    batch = ppo_batch(advantages=torch.randn(2, 3), returns=torch.randn(2, 3))
+    hidden = torch.randn(2, 3, 4)
+    logprobs = -torch.rand(2, 3)
+    scale = LossScale(2, 5, 3)
+    loss, whole = algo.loss(logprobs, batch, scale, hidden)
+    assert float(loss) == pytest.approx(float(whole["policy_loss"] + 0.5 * whole["value_loss"]))
+    parts = [
+        (algo.loss(logprobs[i : i + 1], batch.rows(slice(i, i + 1)), scale, hidden[i : i + 1])[1], n)
+        for i, n in ((0, 3.0), (1, 2.0))
+    ]
+    combined = combine_micro_batches(parts)
+    for name in ("loss", "policy_loss", "value_loss"):
+        assert combined[name] == pytest.approx(float(whole[name]), abs=1e-6), name
+    # and over processes: every *_loss adds up, like train/loss
+    rows: list[torch.Tensor] = []
+    reduced = reduce_over_processes(
+        {"train/value_loss": 0.25, "train/kl": 0.1}, 10.0, lambda t: torch.cat([t, t])
+    )
+    assert reduced == {"train/value_loss": 0.5, "train/kl": pytest.approx(0.1)}
+    assert not rows
+
+
+def test_ppo_without_an_lm_head_says_so():
+    class Trunk(nn.Module):
+        def get_output_embeddings(self) -> None:
+            return None
+
+    with pytest.raises(RLBenchError, match="gives no hidden states to a value head"):
+        PPO(PPOConfig()).build_modules(Trunk())
+
+
+# ---------------------------------------------------------------- the contract's plumbing
+
+
+def test_concat_keeps_every_per_token_field():
+    a = batch_of([1.0], 1, width=2, old_values=torch.ones(1, 2), returns=torch.ones(1, 2))
+    b = batch_of([0.0], 1, width=3, old_values=torch.full((1, 3), 2.0), returns=torch.full((1, 3), 2.0))
+    joined = RolloutBatch.concat([a, b], pad_token_id=7)
+    assert joined.old_values.tolist() == [[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]
+    assert joined.returns.shape == (2, 3) and joined.rewards.tolist() == [1.0, 0.0]
+    assert joined.completion_ids[0].tolist() == [0, 0, 7]  # ids pad with the pad token
+    with pytest.raises(ValueError, match="only some have old_values"):
+        RolloutBatch.concat([a, batch_of([0.0], 1)], pad_token_id=7)
+
+
+def test_guard_names_a_non_finite_gradient_of_an_algorithm_module():
+    holder = nn.Module()
+    holder.policy = nn.Linear(2, 2)
+    holder.algorithm_modules = nn.ModuleDict({"value_head": nn.Linear(2, 1)})
+    for p in holder.parameters():
+        p.grad = torch.zeros_like(p)
+    holder.algorithm_modules["value_head"].weight.grad[0, 0] = math.nan
+    assert non_finite_gradient(holder) == "gradient of algorithm_modules.value_head.weight"
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return resolve_model_path("tiny-llama", Arithmetic.alphabet, 0, tmp_path_factory.mktemp("presets"))
+
+
+def odd_first(completion: str) -> bool:
+    return completion[:1] in set("13579")
+
+
+@pytest.fixture
+def odd_first_digit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards a random-weight model earns about half the time (a completion starting with an
+    odd digit), so every algorithm has a learning signal without a warm start."""
+    monkeypatch.setattr(Arithmetic, "reward", lambda self, prompt, completion: float(odd_first(completion)))
+
+
+def module_for(make_config: Any, preset: str, *overrides: str) -> RLModule:
+    config = make_config(f"model.name_or_path={preset}", *overrides)
+    return RLModule(config, preset)
+
+
+def run_steps(module: RLModule, steps: int) -> dict[str, float]:
+    import lightning.pytorch as pl
+
+    from rlbench.data import StepTicks
+
+    module.config.trainer.max_steps = steps
+    trainer = pl.Trainer(
+        max_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=StepTicks())
+    return module.last_metrics
+
+
+PPO_RUN = ("algorithm.name=ppo", "algorithm.ppo.group_size=2", "algorithm.ppo.critic_lr=1e-2")
+
+
+def test_ppo_value_head_is_a_trained_submodule_with_its_own_learning_rate(
+    odd_first_digit, make_config, preset
+):
+    module = module_for(make_config, preset, *PPO_RUN, "optim.lr=1e-3")
+    assert "algorithm_modules.value_head.linear.weight" in module.state_dict()
+    seen: list[RolloutBatch] = []
+    prepare = module.algorithm.prepare
+    module.algorithm.prepare = lambda batch, reduce: (seen.append(batch), prepare(batch, reduce))[1]  # type: ignore[method-assign]
+    metrics = run_steps(module, 2)
+    # one pass per batch, yet pi_old, pi_ref and V_old existed before prepare
+    assert all(
+        b.old_logprobs is not None and b.ref_logprobs is not None and b.old_values is not None for b in seen
+    )
+    optimizer = module.optimizers().optimizer
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [1e-3, 1e-2]
+    assert module.algorithm_modules["value_head"].linear.weight.abs().sum() > 0  # it trained
+    for name in (
+        "value_loss",
+        "policy_loss",
+        "value_explained_var",
+        "returns_mean",
+        "kl",
+        "clip_frac",
+        "entropy",
+    ):
+        assert math.isfinite(metrics[f"train/{name}"]), name
+    assert metrics["train/kl_coef"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        (*PPO_RUN, "algorithm.ppo.minibatches=2", "algorithm.ppo.ppo_epochs=2"),
+        (
+            "algorithm.name=rloo",
+            "algorithm.rloo.group_size=2",
+            "algorithm.rloo.kl_in=reward",
+            "algorithm.rloo.mu=2",
+        ),
+        ("algorithm.name=dpo", "algorithm.dpo.num_prompts=64"),
+    ],
+    ids=["ppo", "rloo", "dpo"],
+)
+def test_micro_batches_do_not_change_the_result(odd_first_digit, make_config, preset, algorithm):
+    """The step-wide loss denominators hold for every algorithm: micro-batches of 3 rows (DPO
+    rounds them up to whole pairs) end where whole batches do."""
+    states = []
+    for size in (0, 3):
+        torch.manual_seed(0)
+        module = module_for(
+            make_config, preset, *algorithm, f"train.micro_batch_size={size}", "optim.lr=1e-3"
+        )
+        run_steps(module, 2)
+        states.append(module.state_dict())
+    for name, value in states[0].items():
+        assert torch.allclose(states[1][name], value, atol=1e-5), name
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def test_dpo_pairs_are_built_once_from_the_verifier_and_shared_by_every_seed(
+    odd_first_digit, make_config, preset, tmp_path
+):
+    built = []
+    for seed in (0, 1):
+        module = module_for(
+            make_config, preset, "algorithm.name=dpo", "algorithm.dpo.num_prompts=64", f"seed={seed}"
+        )
+        module.experience.setup(module.policy, 0, 0, 1)
+        built.append(module.experience.cache)
+    assert built[0] == built[1]  # one cache entry: the run seed is not part of the key
+    pairs = read_pairs(built[0] / PAIRS_FILE)
+    assert pairs and all(p.chosen_reward > p.rejected_reward for p in pairs)
+    assert all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
+    # the verifier's choice (a rejected text may look odd-first: a hidden special token scores 0)
+    assert all(odd_first(p.chosen) for p in pairs)
+    # built anew under another cache directory, the file is byte-identical (deterministic)
+    again = module_for(
+        make_config,
+        preset,
+        "algorithm.name=dpo",
+        "algorithm.dpo.num_prompts=64",
+        "seed=5",
+        f"warmstart.cache_dir={tmp_path / 'other-cache'}",
+    )
+    again.experience.setup(again.policy, 0, 0, 1)
+    assert (again.experience.cache / PAIRS_FILE).read_bytes() == (built[0] / PAIRS_FILE).read_bytes()
+
+
+def test_dpo_trains_on_pairs_and_logs_what_on_policy_runs_log(odd_first_digit, make_config, preset):
+    module = module_for(
+        make_config, preset, "algorithm.name=dpo", "algorithm.dpo.num_prompts=64", "optim.lr=1e-3"
+    )
+    assert module.reference is None  # offline pairs carry the reference's log-probs
+    metrics = run_steps(module, 3)
+    for name in ("loss", "reward_accuracy", "margin", "chosen_logratio", "rejected_logratio", "grad_norm"):
+        assert math.isfinite(metrics[f"train/{name}"]), name
+    assert metrics["train/margin"] != 0.0  # the policy moved away from the reference
+    # step 2 is an eval step (eval.every_n_steps=2): a fresh sample gives entropy and reward
+    assert "train/entropy" in metrics and "train/reward_mean" in metrics
+    assert "train/behaviour_logprob_gap" not in metrics  # nothing was sampled to train on
+
+
+def test_dpo_loss_is_reexported_under_its_public_name():
+    assert DPO.experience == "pairs" and callable(preference_loss)
+    logps = torch.tensor([[-1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, metrics = preference_loss(
+        logps, mask, logps - 1, mask, torch.tensor([-2.0]), torch.tensor([-4.0]), 0.1, "sigmoid"
+    )
+    # h = (-2 - -2) - (-4 - -4) = 0: loss = log 2
+    assert float(loss) == pytest.approx(math.log(2)) and float(metrics["margin"]) == 0.0
+
+
+def test_dpo_loss_type_typo_suggests_the_name():
+    with pytest.raises(
+        ConfigError, match=r"loss_type='ipoo' is invalid: one of sigmoid, ipo \(did you mean 'ipo'\?\)"
+    ):
+        DPOConfig(loss_type="ipoo")
+
+
+def test_dpo_on_a_task_without_a_verifier_needs_a_pairs_file(make_config, preset, monkeypatch):
+    monkeypatch.setattr(Arithmetic, "verifiable", False)
+    with pytest.raises(
+        RLBenchError,
+        match="no verifier to build preference pairs from; give a JSONL of pairs in algorithm.dpo.pairs_file",
+    ):
+        module_for(make_config, preset, "algorithm.name=dpo")
+
+
+def test_dpo_reads_a_users_pairs_file(make_config, preset, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": "12+30=", "chosen": "42", "rejected": "41"},
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    module = module_for(make_config, preset, "algorithm.name=dpo", f"algorithm.dpo.pairs_file={path}")
+    metrics = run_steps(module, 2)
+    assert metrics["train/num_pairs"] == 2.0
+    cached = read_pairs(module.experience.cache / PAIRS_FILE)
+    assert [p.chosen for p in cached] == ["42", "2"] and all(p.ref_chosen_logp is not None for p in cached)
