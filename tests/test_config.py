@@ -243,3 +243,14 @@ def test_dump_yaml_round_trips_the_algorithm_sections(tmp_path: Path):
     assert loaded == config
     assert loaded.to_dict() == config.to_dict() and loaded.flat() == config.flat()
     assert loaded.algorithm.sections == {"grpo": loaded.algorithm.options}
+
+
+def test_readme_documents_every_algorithm_option_from_the_field_docs():
+    """The README's option tables are generated (``python -m rlbench.config_help``), so they
+    cannot drift from the config dataclasses."""
+    from rlbench.config_help import readme_with_options
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert readme_with_options(readme) == readme, "run: python -m rlbench.config_help"
+    for name in ALGORITHMS.names():
+        assert f"**`{name}`**" in readme
