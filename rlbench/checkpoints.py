@@ -40,7 +40,7 @@ class RolloutStepCheckpoint(pl.Callback):
         if step % self.every and step < self.max_steps:
             return
         last = self.dirpath / LAST_CHECKPOINT
-        trainer.save_checkpoint(last)  # every process calls it; rank 0 writes
+        trainer.save_checkpoint(last, weights_only=False)  # every process calls it; rank 0 writes
         if trainer.is_global_zero:
             previous = sorted(self.dirpath.glob("step-*.ckpt"))
             snapshot = self.dirpath / f"step-{step}.ckpt"

@@ -81,7 +81,7 @@ def check_target_modules(model: nn.Module, targets: tuple[str, ...]) -> None:
 class AdapterReference:
     """The reference policy of a LoRA run: the policy itself, adapters disabled.
 
-    Same interface as ``module.FrozenReference``. Like the frozen copy it runs in eval mode
+    Same interface as ``reference.FrozenReference``. Like the frozen copy it runs in eval mode
     (no dropout); the policy's train/eval flags are restored afterwards.
     """
 

@@ -26,51 +26,37 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.algorithm import LossScale, RolloutBatch
+from rlbench.collectives import Collectives
 from rlbench.config import RunConfig
 from rlbench.data import PromptSource
 from rlbench.evaluation import greedy_correct
 from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
 from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
 from rlbench.lora import AdapterReference, apply_lora
-from rlbench.metrics import combine_micro_batches, reduce_over_processes, reduce_passes
+from rlbench.metrics import combine_micro_batches, reduce_passes
 from rlbench.pair_source import PairSource
 from rlbench.policy import (
     ForwardOutput,
     batch_forward,
-    batch_logprobs,
     disable_dropout,
     frozen_copy,
     inference_mode,
     load_policy,
     real_vocab_size,
 )
+from rlbench.reference import FrozenReference
 from rlbench.registry import ALGORITHMS, TASKS
 from rlbench.rollout import BACKENDS, SamplingParams
 
 __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
 
-class FrozenReference:
-    """The reference policy, held outside the module's parameters (not checkpointed, not trained).
-
-    Lightning neither moves nor casts it: ``RLModule.on_fit_start`` gives it the policy's
-    device and dtype (under ``bf16-true`` an fp32 reference would make KL non-zero at step 0
-    and cost twice the memory).
-    """
-
-    def __init__(self, model: nn.Module, vocab_size: int | None = None) -> None:
-        self.model = model
-        self.vocab_size = vocab_size
-
-    def logprobs(self, batch: RolloutBatch, temperature: float) -> Tensor:
-        with inference_mode(self.model):
-            return batch_logprobs(self.model, batch, temperature, vocab_size=self.vocab_size)[0]
-
-
 class RLModule(pl.LightningModule):
     def __init__(self, config: RunConfig, model_path: str) -> None:
         super().__init__()
         self.config = config
+        #: Sums, maxima and gathers over the run's processes (identities in a single process).
+        self.dist = Collectives(self)
         self.task = TASKS.get(config.task.name)(config.task.options)
         self.algorithm = ALGORITHMS.get(config.algorithm.name)(config.algorithm.options)
         self.policy, self.tokenizer = load_policy(
@@ -173,7 +159,7 @@ class RLModule(pl.LightningModule):
             # after Lightning placed and cast the policy (bf16-true casts the weights)
             weight = next(self.policy.parameters())
             self.reference.model.to(device=weight.device, dtype=weight.dtype)
-        self.experience.setup(self.policy, self.rollout_step, self.global_rank, self.world_size)
+        self.experience.setup(self.policy, self.rollout_step, self.global_rank, self.dist.world_size)
 
     def on_train_start(self) -> None:
         if self.rollout_step >= self.config.trainer.max_steps:  # a finished run, resumed
@@ -186,15 +172,15 @@ class RLModule(pl.LightningModule):
             self.evaluate()
         started = time.perf_counter()
         batch, first, sampled = self.experience.collect(
-            self.policy, step, self.global_rank, self.world_size, self.gather
+            self.policy, step, self.global_rank, self.dist.world_size, self.dist.gather
         )
         updated, weight = self.update(batch, first)
         updated["perf/step_s"] = time.perf_counter() - started
-        metrics = {**self.reduce(sampled, 1.0), **self.reduce(updated, weight)}
+        metrics = {**self.dist.reduce(sampled, 1.0), **self.dist.reduce(updated, weight)}
         if evaluating and not self.experience.on_policy:
             # what the policy now samples, on the eval schedule, so curves line up with on-policy runs
             metrics.update(self.sample_diagnostics(step))
-        metrics.update(self.algorithm.end_step(metrics, int(self.global_sum(len(batch)))))
+        metrics.update(self.algorithm.end_step(metrics, int(self.dist.sum(len(batch)))))
         self.last_metrics = metrics
         self.log_metrics(metrics, step=step)
         self.rollout_step += 1
@@ -242,11 +228,11 @@ class RLModule(pl.LightningModule):
         entropy_sum, behaviour_gap = 0.0, -math.inf
         if scored:
             batch, entropy_sum, behaviour_gap = self.score(batch)
-        batch = algorithm.prepare(batch, self.all_reduce_sum)
+        batch = algorithm.prepare(batch, self.dist.all_reduce_sum)
         filler: RolloutBatch | None = None
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        world = self.world_size
+        world = self.dist.world_size
         history: list[dict[str, float]] = []
         old_logprobs: list[Tensor] = []
         cause: str | None = None  # what went non-finite, if anything
@@ -258,14 +244,14 @@ class RLModule(pl.LightningModule):
                 chunks = self.micro_batches(len(minibatch))
                 # Every backward is a DDP all-reduce: a process that kept fewer groups than
                 # another makes up the difference with zero-weight micro-batches.
-                padding = int(self.global_max(len(chunks))) - len(chunks)
+                padding = int(self.dist.max(len(chunks))) - len(chunks)
                 if padding and filler is None:
                     filler = self.padding_chunk(first)
                 # Denominators count the whole minibatch on every process, so the processes'
                 # losses add up; DDP averages gradients, hence the factor world_size below.
                 scale = LossScale(
-                    int(self.global_sum(len(minibatch))),
-                    int(self.global_sum(float(minibatch.completion_mask.sum()))),
+                    int(self.dist.sum(len(minibatch))),
+                    int(self.dist.sum(float(minibatch.completion_mask.sum()))),
                     self.config.rollout.max_new_tokens,
                 )
                 optimizer.zero_grad(set_to_none=True)
@@ -312,8 +298,8 @@ class RLModule(pl.LightningModule):
         out["train/skipped_steps"] = float(self.skipped_steps)
         if self.experience.on_policy:  # sampled by the policy: the entropy and gap are its own
             out["train/behaviour_logprob_gap"] = behaviour_gap
-            tokens = self.global_sum(float(batch.completion_mask.sum()))
-            out["train/entropy"] = self.global_sum(entropy_sum) / max(tokens, 1.0)
+            tokens = self.dist.sum(float(batch.completion_mask.sum()))
+            out["train/entropy"] = self.dist.sum(entropy_sum) / max(tokens, 1.0)
         out["train/lr"] = scheduler.get_last_lr()[0]
         return out, float(batch.completion_mask.sum())
 
@@ -421,53 +407,14 @@ class RLModule(pl.LightningModule):
     def sample_diagnostics(self, step: int) -> dict[str, float]:
         """Reward and exact entropy of a fresh sample of the step's prompts, for algorithms
         that do not sample to train (DPO): what on-policy runs log every step."""
-        rank, world = self.global_rank, self.world_size
+        rank, world = self.global_rank, self.dist.world_size
         batch, metrics = self.rollouts.sample(self.policy, self.rollouts.source.batch(step, 0, rank, world))
         with inference_mode(self.policy):
             out = batch_forward(self.policy, batch, self.config.rollout.temperature, True, self.vocab_size)
         assert out.entropy is not None
-        tokens = self.global_sum(float(batch.completion_mask.sum()))
-        entropy = self.global_sum(float((out.entropy * batch.completion_mask).sum())) / max(tokens, 1.0)
-        return {**self.reduce(metrics, 1.0), "train/entropy": entropy}
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over all processes (itself in a single-process run)."""
-        if self.world_size == 1:
-            return tensor
-        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").to(tensor.device)
-
-    @property
-    def world_size(self) -> int:
-        """Processes sharing each step (1 when not attached to a Trainer, e.g. in tests)."""
-        return self._trainer.world_size if self._trainer is not None else 1
-
-    def global_sum(self, value: float) -> float:
-        """``value`` summed over all processes (itself in a single-process run)."""
-        if self.world_size == 1:
-            return value
-        return float(
-            self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum")
-        )
-
-    def global_max(self, value: float) -> float:
-        """``value``'s maximum over all processes."""
-        if self.world_size == 1:
-            return value
-        return float(
-            self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="max")
-        )
-
-    def gather(self, tensor: Tensor) -> Tensor:
-        """Every process's ``tensor`` stacked in rank order and flattened (one all-gather)."""
-        if self.world_size == 1:
-            return tensor
-        return self.all_gather(tensor.to(self.device)).reshape(-1)
-
-    def reduce(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
-        """Global figures from this process's metrics (``metrics.reduce_over_processes``)."""
-        if self.world_size == 1:
-            return metrics
-        return reduce_over_processes(metrics, weight, self.gather)
+        tokens = self.dist.sum(float(batch.completion_mask.sum()))
+        entropy = self.dist.sum(float((out.entropy * batch.completion_mask).sum())) / max(tokens, 1.0)
+        return {**self.dist.reduce(metrics, 1.0), "train/entropy": entropy}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Hands one step's metrics straight to the loggers.
@@ -490,7 +437,7 @@ class RLModule(pl.LightningModule):
         curves share one axis whatever ``mu`` is and however many updates were skipped.
         """
         # each process scores its share of the eval prompts; the counts add up
-        rank, world = self.global_rank, self.world_size
+        rank, world = self.global_rank, self.dist.world_size
         correct = greedy_correct(
             self.policy,
             self.tokenizer,
@@ -499,7 +446,7 @@ class RLModule(pl.LightningModule):
             self.backend,
             self.config.rollout.max_new_tokens,
         )
-        accuracy = self.global_sum(correct) / len(self.eval_prompts)
+        accuracy = self.dist.sum(correct) / len(self.eval_prompts)
         step = self.rollout_step
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))

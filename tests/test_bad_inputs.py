@@ -383,6 +383,35 @@ CASES = [
         "output_dir={corrupt} --resume",
         "--resume: '{corrupt}/checkpoints/last.ckpt' is not a readable checkpoint (corrupt or truncated)",
     ),
+    # ------------------------------------------------ preference pairs (DPO)
+    case(
+        "dpo-pairs-file-malformed",
+        "algorithm.name=dpo algorithm.dpo.pairs_file={bad_pairs} output_dir={fresh}",
+        "{bad_pairs}: line 2: missing field 'rejected'",
+    ),
+    case(
+        "dpo-pairs-all-identical",
+        "algorithm.name=dpo algorithm.dpo.pairs_file={same_pairs} output_dir={fresh}",
+        "every pair has chosen == rejected",
+        "nothing to prefer",
+    ),
+    case(
+        "dpo-pairs-file-missing",
+        "algorithm.name=dpo algorithm.dpo.pairs_file={tmp}/nope.jsonl output_dir={fresh}",
+        "nope.jsonl: no such preference-pairs file",
+    ),
+    case(
+        "dpo-unknown-loss-type",
+        "algorithm.name=dpo algorithm.dpo.loss_type=ipoo",
+        "algorithm.dpo.loss_type='ipoo' is invalid",
+        "(did you mean 'ipo'?)",
+    ),
+    case(
+        "ppo-typo-in-a-section-not-selected",
+        "algorithm.ppo.gama=0.9",
+        "algorithm.ppo.gama=0.9 is invalid",
+        "did you mean 'gamma'?",
+    ),
     # ------------------------------------------------ reward functions
     case(
         "reward-count-wrong",
@@ -435,7 +464,14 @@ def paths(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
     json_model = tmp_path / "models" / "json"
     json_model.mkdir()
     (json_model / "config.json").write_text('{"colour": "blue"}\n')
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    good = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}'
+    (pairs / "malformed.jsonl").write_text(good + '\n{"prompt": "2+2=", "chosen": "4"}\n')
+    (pairs / "identical.jsonl").write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "2"}\n' * 3)
     return {
+        "bad_pairs": str(pairs / "malformed.jsonl"),
+        "same_pairs": str(pairs / "identical.jsonl"),
         "tmp": str(tmp_path),
         "runs": str(runs),
         "existing": str(existing),
