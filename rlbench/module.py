@@ -278,7 +278,9 @@ class RLModule(pl.LightningModule):
                     self.manual_backward(loss * 0.0)  # zero gradient, same all-reduce
                     parts.append((metrics, 0.0))
                 if first_look and algorithm.passes_per_batch > 1:
-                    batch.old_logprobs = torch.cat(old_logprobs) if old_logprobs else batch.completion_mask
+                    batch.old_logprobs = (
+                        torch.cat(old_logprobs) if old_logprobs else torch.zeros_like(batch.completion_mask)
+                    )
                 metrics = combine_micro_batches(parts)
                 clip = self.config.optim.grad_clip or math.inf
                 trainable = [p for p in self.parameters() if p.requires_grad]

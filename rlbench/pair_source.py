@@ -104,7 +104,9 @@ class PairSource:
         build_once(self.cache, build, complete=lambda d: (d / PAIRS_FILE).is_file())
         self.pairs = read_pairs(self.cache / PAIRS_FILE)
         self.pairs_from = 0
-        last_refresh = (step // refresh) * refresh if refresh else 0
+        # the refresh of step r happens as step r starts: a run resumed at step k (k steps done)
+        # last refreshed at the largest multiple of refresh_every below k
+        last_refresh = ((step - 1) // refresh) * refresh if refresh and step > 0 else 0
         if last_refresh > 0:
             saved = self.refresh_file(last_refresh)
             if not saved.is_file():

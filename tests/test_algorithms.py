@@ -383,3 +383,27 @@ def test_dpo_reads_a_users_pairs_file(make_config, preset, tmp_path):
     assert metrics["train/num_pairs"] == 2.0
     cached = read_pairs(module.experience.cache / PAIRS_FILE)
     assert [p.chosen for p in cached] == ["42", "2"] and all(p.ref_chosen_logp is not None for p in cached)
+
+
+def test_online_dpo_rebuilds_its_pairs_from_the_current_policy(
+    odd_first_digit, make_config, preset, tmp_path
+):
+    module = module_for(
+        make_config,
+        preset,
+        "algorithm.name=dpo",
+        "algorithm.dpo.num_prompts=64",
+        "algorithm.dpo.refresh_every=2",
+        "optim.lr=1e-3",
+    )
+    assert module.reference is not None  # refreshed pairs are scored by the frozen reference
+    run_steps(module, 3)
+    source = module.experience
+    refreshed = tmp_path / "run" / "pairs" / "step-2.jsonl"
+    assert source.pairs_from == 2 and refreshed.is_file()
+    assert read_pairs(refreshed) == source.pairs != read_pairs(source.cache / PAIRS_FILE)
+    # a run resumed after step 3 reads the pairs it trained on at step 2; after step 2, the originals
+    source.setup(module.policy, 3, 0, 1)
+    assert source.pairs_from == 2 and source.pairs == read_pairs(refreshed)
+    source.setup(module.policy, 2, 0, 1)
+    assert source.pairs_from == 0
