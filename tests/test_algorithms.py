@@ -407,3 +407,14 @@ def test_online_dpo_rebuilds_its_pairs_from_the_current_policy(
     assert source.pairs_from == 2 and source.pairs == read_pairs(refreshed)
     source.setup(module.policy, 2, 0, 1)
     assert source.pairs_from == 0
+
+
+def test_ppo_value_head_reads_the_hidden_states_under_lora(odd_first_digit, make_config, preset):
+    """The LM head's input is captured through the peft wrapper: the value head trains on the
+    adapted trunk, and only adapters and the head are trainable."""
+    module = module_for(make_config, preset, *PPO_RUN, "model.lora.r=4")
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("algorithm_modules.value_head") for n in trainable)
+    metrics = run_steps(module, 2)
+    assert module.algorithm_modules["value_head"].linear.weight.abs().sum() > 0
+    assert math.isfinite(metrics["train/value_loss"])
