@@ -34,6 +34,10 @@ class Collectives:
         """``value``'s maximum over all processes."""
         return value if self.world_size == 1 else self._reduce(value, "max")
 
+    def min(self, value: float) -> float:
+        """``value``'s minimum over all processes."""
+        return value if self.world_size == 1 else -self._reduce(-value, "max")
+
     def _reduce(self, value: float, op: str) -> float:
         tensor = torch.tensor(float(value), device=self.module.device)
         return float(self.module.trainer.strategy.reduce(tensor, reduce_op=op))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +226,22 @@ class RLModule(pl.LightningModule):
         # pi_old (and old values) before prepare when the algorithm needs them, or when later
         # minibatches would otherwise see a policy already moved by earlier ones
         scored = algorithm.needs_scores or algorithm.minibatches_per_pass > 1
+        # With the whole batch in one micro-batch and one minibatch on every process, pass 0's
+        # forward runs at pi_old's weights: its detached outputs are the scores, and prepare
+        # runs between that forward and its backward -- no separate scoring forward. (Not with
+        # dropout on: training forwards would then differ from the eval-mode sampler.)
+        fused = (
+            scored
+            and algorithm.minibatches_per_pass == 1
+            and self.config.train.micro_batch_size == 0
+            and self.config.model.disable_dropout
+            and self.dist.min(len(batch)) > 0
+        )
         entropy_sum, behaviour_gap = 0.0, -math.inf
-        if scored:
+        if scored and not fused:
             batch, entropy_sum, behaviour_gap = self.score(batch)
-        batch = algorithm.prepare(batch, self.dist.all_reduce_sum)
+        if not fused:
+            batch = algorithm.prepare(batch, self.dist.all_reduce_sum)
         filler: RolloutBatch | None = None
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -240,7 +253,7 @@ class RLModule(pl.LightningModule):
             for minibatch in self.minibatches(batch):
                 # pi_old is the policy that sampled: these very weights until the first optimiser
                 # step, so pass 0's log-probs are pi_old (no extra forward)
-                first_look = pass_index == 0 and not scored
+                first_look = pass_index == 0 and (fused or not scored)
                 chunks = self.micro_batches(len(minibatch))
                 # Every backward is a DDP all-reduce: a process that kept fewer groups than
                 # another makes up the difference with zero-weight micro-batches.
@@ -265,6 +278,11 @@ class RLModule(pl.LightningModule):
                         assert out.entropy is not None
                         entropy_sum += float((out.entropy * part.completion_mask).sum())
                         behaviour_gap = max(behaviour_gap, logprob_gap(part, current))
+                    if fused and pass_index == 0:
+                        with torch.no_grad():
+                            hidden = None if out.hidden is None else out.hidden.detach()
+                            part = algorithm.score(replace(part, old_logprobs=current), hidden)
+                        part = batch = algorithm.prepare(part, self.dist.all_reduce_sum)
                     loss, metrics = algorithm.loss(out.logprobs, part, scale, out.hidden)
                     if cause is None and not bool(torch.isfinite(loss)):
                         cause = non_finite_cause(part, out.logprobs, loss)

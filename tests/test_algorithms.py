@@ -272,6 +272,9 @@ def test_ppo_value_head_is_a_trained_submodule_with_its_own_learning_rate(
 @pytest.mark.parametrize(
     "algorithm",
     [
+        # micro-batch 0 scores pi_old and V_old from pass 0's own forward; 3 scores them in a
+        # separate no-grad pass first: the two must agree
+        (*PPO_RUN, "algorithm.ppo.ppo_epochs=2", "algorithm.ppo.adaptive_kl=true"),
         (*PPO_RUN, "algorithm.ppo.minibatches=2", "algorithm.ppo.ppo_epochs=2"),
         (
             "algorithm.name=rloo",
@@ -281,7 +284,7 @@ def test_ppo_value_head_is_a_trained_submodule_with_its_own_learning_rate(
         ),
         ("algorithm.name=dpo", "algorithm.dpo.num_prompts=64"),
     ],
-    ids=["ppo", "rloo", "dpo"],
+    ids=["ppo-one-forward", "ppo-minibatches", "rloo", "dpo"],
 )
 def test_micro_batches_do_not_change_the_result(odd_first_digit, make_config, preset, algorithm):
     """The step-wide loss denominators hold for every algorithm: micro-batches of 3 rows (DPO

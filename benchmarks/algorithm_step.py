@@ -1,0 +1,199 @@
+"""Seconds per step and per optimisation pass of GRPO, PPO, RLOO and DPO, side by side.
+
+    python benchmarks/algorithm_step.py                      # tiny16 and medium, fp32
+    python benchmarks/algorithm_step.py --shape tiny4 --steps 20
+    python benchmarks/algorithm_step.py --shape all --precision bf16-mixed
+
+Shapes are ``grpo_step.py``'s (random-weight Llama presets, no warm start, 2-digit addition).
+Every algorithm trains on the same batch of 64 rows per step: GRPO, RLOO and PPO sample 8
+prompts x 8 completions (``group_size=8``; GRPO and RLOO beta 0.04, PPO its default
+``kl_ctl`` and value head on the policy's trunk); DPO takes 32 preference pairs (64 rows)
+from a pairs file this script writes. The pairs' completions are padded to
+``rollout.max_new_tokens`` tokens (EOS included), the longest a sampled completion can be, so
+DPO is not cheaper merely for scoring shorter sequences (``--dpo-length answer`` keeps the bare
+answers). DPO's pairs and their reference log-probs are built in ``on_fit_start``, before the
+first step, so they are not timed.
+
+A *step* is timed from Lightning's batch start to batch end, as in ``grpo_step.py``. A *pass*
+is ``RLModule.update`` (timed by wrapping it) divided by the algorithm's passes per batch (1 by
+default for all four): everything after the experience is collected -- the frozen reference's
+forward (GRPO, RLOO, PPO; DPO's reference log-probs are cached with the pairs), PPO's no-grad
+scoring pass for pi_old and V_old, then forward + backward + optimiser step over the whole
+batch. GRPO and RLOO at mu = 1 score no pi_old: pass 0's own log-probs are pi_old. Medians over
+``--steps`` steps, after 2 warm-up steps (the first also evaluates); one more step runs the
+final evaluation and is not counted. Targets of the issue: a PPO pass at most 1.2x a GRPO pass,
+a DPO step at most 0.5x a GRPO step. Run with nothing else busy on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from grpo_step import SHAPES  # benchmarks/ is on sys.path when this runs as a script
+
+from rlbench.config import load_config
+from rlbench.run import train
+from tasks.arithmetic import Arithmetic
+
+ALGORITHMS = ("grpo", "ppo", "rloo", "dpo")
+#: Per algorithm: the options that make its batch 64 rows.
+OPTIONS = {
+    "grpo": ["algorithm.grpo.group_size=8", "algorithm.grpo.beta=0.04", "rollout.prompts_per_step=8"],
+    "rloo": ["algorithm.rloo.group_size=8", "algorithm.rloo.beta=0.04", "rollout.prompts_per_step=8"],
+    "ppo": ["algorithm.ppo.group_size=8", "rollout.prompts_per_step=8"],
+    "dpo": ["rollout.prompts_per_step=32"],  # 32 pairs = 64 rows
+}
+WARMUP = 2
+PPO_PASS_TARGET, DPO_STEP_TARGET = 1.2, 0.5
+
+
+class AlgorithmTimer(pl.Callback):
+    """Per step: seconds from batch start to end, in ``RLModule.update`` and generating."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.updates: list[float] = []
+        self.generating: list[float] = []
+        self.tokens_per_row: list[float] = []
+        self.passes = 1
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        self.passes = module.algorithm.passes_per_batch
+        update: Callable[..., Any] = module.update
+
+        def timed_update(batch: Any, first: Any) -> Any:
+            started = time.perf_counter()
+            out = update(batch, first)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.updates.append(time.perf_counter() - started)
+            self.tokens_per_row.append(float(batch.completion_mask.sum()) / max(len(batch), 1))
+            return out
+
+        module.update = timed_update
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int
+    ) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.steps.append(time.perf_counter() - self.started)
+        # DPO samples nothing to train on
+        self.generating.append(module.last_metrics.get("perf/rollout_s", 0.0))
+
+
+def write_pairs(path: Path, count: int, length: int | None) -> None:
+    """``count`` pairs of train prompts: the answer over answer + 1, each padded with ``0`` to
+    ``length`` characters (one token each) unless ``length`` is None."""
+    task = Arithmetic(Arithmetic.Config())
+    with path.open("w") as f:
+        for prompt in task.prompts("train", count, seed=0):
+            chosen, rejected = prompt.answer, str(int(prompt.answer) + 1)
+            if length is not None:
+                chosen, rejected = chosen.ljust(length, "0"), rejected.ljust(length, "0")
+            f.write(json.dumps({"prompt": prompt.text, "chosen": chosen, "rejected": rejected}) + "\n")
+
+
+def measure(algorithm: str, shape: str, precision: str, steps: int, tmp: Path, dpo_length: str) -> dict:
+    preset, new_tokens = SHAPES[shape]
+    overrides = [
+        f"output_dir={tmp}/{algorithm}",
+        f"warmstart.cache_dir={tmp}/cache",  # shared: one preset (same weights) for all four
+        "warmstart.enabled=false",
+        f"model.name_or_path={preset}",
+        "task.name=arithmetic",
+        f"algorithm.name={algorithm}",
+        *OPTIONS[algorithm],
+        f"rollout.max_new_tokens={new_tokens}",
+        f"trainer.max_steps={WARMUP + steps + 1}",
+        f"trainer.precision={precision}",
+        "trainer.checkpoint_every=100000",
+        "eval.every_n_steps=100000",
+        "eval.num_prompts=8",
+        "logging.mlflow=false",
+        "optim.lr=1e-4",
+    ]
+    if algorithm == "dpo":
+        pairs = tmp / "pairs.jsonl"
+        write_pairs(pairs, 64, new_tokens - 1 if dpo_length == "max" else None)  # + EOS
+        overrides.append(f"algorithm.dpo.pairs_file={pairs}")
+    timer = AlgorithmTimer()
+    train(load_config(None, overrides), progress_bar=False, callbacks=[timer])
+    window = slice(WARMUP, WARMUP + steps)
+    return {
+        "step_s": statistics.median(timer.steps[window]),
+        "gen_s": statistics.median(timer.generating[window]),
+        "pass_s": statistics.median(timer.updates[window]) / timer.passes,
+        "tokens_per_row": statistics.mean(timer.tokens_per_row[window]),
+    }
+
+
+def report(shape: str, results: dict[str, dict]) -> None:
+    grpo = results["grpo"]
+    print(f"\n{shape}")
+    print(
+        f"{'algorithm':<9} {'tokens/row':>10} {'step_s':>9} {'gen_s':>9} {'pass_s':>9} "
+        f"{'step/grpo':>9} {'pass/grpo':>9}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<9} {r['tokens_per_row']:>10.1f} {r['step_s']:>9.4f} {r['gen_s']:>9.4f} "
+            f"{r['pass_s']:>9.4f} {r['step_s'] / grpo['step_s']:>9.2f} {r['pass_s'] / grpo['pass_s']:>9.2f}"
+        )
+    ppo = results["ppo"]["pass_s"] / grpo["pass_s"]
+    dpo = results["dpo"]["step_s"] / grpo["step_s"]
+    print(f"{'PASS' if ppo <= PPO_PASS_TARGET else 'FAIL'}: ppo pass / grpo pass = {ppo:.2f} <= 1.2")
+    print(
+        f"{'PASS' if dpo <= DPO_STEP_TARGET else 'FAIL'}: dpo step / grpo step = {dpo:.2f} <= 0.5", flush=True
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], help="default: tiny16 and medium")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per algorithm (after warm-up)")
+    parser.add_argument(
+        "--dpo-length",
+        choices=["max", "answer"],
+        default="max",
+        help="DPO completions padded to max_new_tokens (default) or the bare answers",
+    )
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    shapes = {None: ["tiny16", "medium"], "all": list(SHAPES)}.get(args.shape, [args.shape])
+    print(
+        f"rlbench algorithms side by side: 64 rows per step (8 prompts x 8 for grpo/ppo/rloo, "
+        f"32 pairs for dpo), {args.precision}, threads={torch.get_num_threads()}, "
+        f"medians of {args.steps} steps after {WARMUP} warm-up steps\n"
+        f"step_s: whole step (batch start to end); gen_s: sampling (perf/rollout_s);\n"
+        f"pass_s: RLModule.update / passes: reference forward (not dpo) + ppo's no-grad pi_old/V_old "
+        f"pass + forward, backward and optimiser step over the batch (grpo/rloo mu=1: pi_old is pass "
+        f"0's own log-probs)"
+    )
+    for shape in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = {
+                name: measure(name, shape, args.precision, args.steps, Path(tmp), args.dpo_length)
+                for name in ALGORITHMS
+            }
+        report(shape, results)
+
+
+if __name__ == "__main__":
+    main()
