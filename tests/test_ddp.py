@@ -17,6 +17,17 @@ RLBENCH = str(Path(sys.executable).parent / "rlbench")
 CONFIG = Path(__file__).parents[1] / "configs" / "grpo_addition.yaml"
 
 
+#: One warm-start cache for the whole file: every run starts from the same weights, built once.
+WARM_START_CACHE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_warm_start(tmp_path_factory: pytest.TempPathFactory) -> None:
+    WARM_START_CACHE["dir"] = tmp_path_factory.mktemp("warmstart")
+    yield
+    WARM_START_CACHE.clear()
+
+
 def run_cli(
     tmp_path: Path, name: str, *overrides: str, timeout: float = 600
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -28,7 +39,7 @@ def run_cli(
         str(CONFIG),
         "--no-progress",
         f"output_dir={out}",
-        f"warmstart.cache_dir={tmp_path / 'cache'}",
+        f"warmstart.cache_dir={WARM_START_CACHE.get('dir', tmp_path / 'cache')}",
         "warmstart.target_accuracy=0.1",
         "rollout.prompts_per_step=4",
         "algorithm.grpo.group_size=4",
@@ -93,9 +104,9 @@ def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path)
         "train.micro_batch_size=4",
         "algorithm.grpo.beta=0",
     )
-    one, one_summary = run_cli(tmp_path, "one", *common, timeout=300)
+    one, one_summary = run_cli(tmp_path, "one", *common, timeout=600)
     two, two_summary = run_cli(
-        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=300
+        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
     )
     assert two_summary["steps"] == one_summary["steps"] == 3
     for name, value in one.items():
@@ -127,9 +138,9 @@ def kept_groups(run: Path) -> list[float]:
     ids=["ppo", "dpo"],
 )
 def test_two_process_ddp_matches_one_process_for_other_algorithms(tmp_path: Path, algorithm: tuple[str, ...]):
-    one, one_summary = run_cli(tmp_path, "one", *algorithm, timeout=300)
+    one, one_summary = run_cli(tmp_path, "one", *algorithm, timeout=600)
     two, two_summary = run_cli(
-        tmp_path, "two", *algorithm, "trainer.devices=2", "trainer.strategy=ddp", timeout=300
+        tmp_path, "two", *algorithm, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
     )
     assert two_summary["steps"] == one_summary["steps"] == 3
     assert one.keys() == two.keys()
