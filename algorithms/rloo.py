@@ -25,8 +25,8 @@ from torch import Tensor
 
 from rlbench.algorithm import Algorithm, AllReduceSum, LossScale, RolloutBatch, single_process
 from rlbench.errors import require
-from rlbench.estimators import KL_ESTIMATORS, kl_shaped_rewards, leave_one_out_advantages
-from rlbench.losses import AGGREGATIONS, clipped_policy_loss
+from rlbench.estimators import KL_ESTIMATORS, kl_estimate, kl_shaped_rewards, leave_one_out_advantages
+from rlbench.losses import AGGREGATIONS, clipped_policy_loss, masked_mean
 from rlbench.registry import ALGORITHMS
 
 
@@ -119,6 +119,10 @@ class RLOO(Algorithm):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         beta = cfg.beta if cfg.kl_in == "loss" else 0.0
-        return clipped_policy_loss(
+        loss, metrics = clipped_policy_loss(
             logprobs, batch, scale, cfg.eps_low, cfg.eps_high, cfg.loss_aggregation, beta, cfg.kl_estimator
         )
+        if "kl" not in metrics and batch.ref_logprobs is not None:  # KL in the reward: still logged
+            kl = kl_estimate(cfg.kl_estimator, logprobs.detach(), batch.ref_logprobs)
+            metrics["kl"] = masked_mean(kl, batch.completion_mask)
+        return loss, metrics

@@ -62,7 +62,9 @@ def test_rloo_with_kl_in_the_reward_by_hand():
     assert batch.advantages.tolist() == pytest.approx([0.95, -0.95])
     scale = LossScale(2, 4, 2)
     _, metrics = algo.loss(old.clone().requires_grad_(), batch, scale)
-    assert "kl" not in metrics  # the KL is in the reward, not in the loss
+    # the KL is in the reward, not in the loss, yet logged under the same name: at pi_old, the
+    # masked mean of k1 = [0.5, 0, 0, 0] over 4 tokens
+    assert float(metrics["kl"]) == pytest.approx(0.125)
 
 
 def test_rloo_needs_two_completions():
