@@ -17,9 +17,10 @@ first step, so they are not timed.
 A *step* is timed from Lightning's batch start to batch end, as in ``grpo_step.py``. A *pass*
 is ``RLModule.update`` (timed by wrapping it) divided by the algorithm's passes per batch (1 by
 default for all four): everything after the experience is collected -- the frozen reference's
-forward (GRPO, RLOO, PPO; DPO's reference log-probs are cached with the pairs), PPO's no-grad
-scoring pass for pi_old and V_old, then forward + backward + optimiser step over the whole
-batch. GRPO and RLOO at mu = 1 score no pi_old: pass 0's own log-probs are pi_old. Medians over
+forward (GRPO, RLOO, PPO; DPO's reference log-probs are cached with the pairs), then forward +
+backward + optimiser step over the whole batch. None makes a separate pi_old forward: pass 0's
+own log-probs are pi_old (PPO also takes V_old from that forward, as the batch is one
+micro-batch). Medians over
 ``--steps`` steps, after 2 warm-up steps (the first also evaluates); one more step runs the
 final evaluation and is not counted. Targets of the issue: a PPO pass at most 1.2x a GRPO pass,
 a DPO step at most 0.5x a GRPO step. Run with nothing else busy on the machine.
@@ -182,9 +183,8 @@ def main() -> None:
         f"32 pairs for dpo), {args.precision}, threads={torch.get_num_threads()}, "
         f"medians of {args.steps} steps after {WARMUP} warm-up steps\n"
         f"step_s: whole step (batch start to end); gen_s: sampling (perf/rollout_s);\n"
-        f"pass_s: RLModule.update / passes: reference forward (not dpo) + ppo's no-grad pi_old/V_old "
-        f"pass + forward, backward and optimiser step over the batch (grpo/rloo mu=1: pi_old is pass "
-        f"0's own log-probs)"
+        f"pass_s: RLModule.update / passes: reference forward (not dpo) + forward, backward and "
+        f"optimiser step over the batch (pi_old, and ppo's V_old, come from pass 0's own forward)"
     )
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:

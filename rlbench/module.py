@@ -271,12 +271,13 @@ class RLModule(pl.LightningModule):
                 parts: list[tuple[dict[str, Tensor], float]] = []
                 for rows in chunks:
                     part = minibatch.rows(rows)
-                    out = self.policy_forward(part, with_entropy=first_look)
+                    # the entropy of what the policy sampled; pairs were not sampled by it
+                    out = self.policy_forward(part, with_entropy=first_look and self.experience.on_policy)
                     if first_look:
                         current = out.logprobs.detach()
                         old_logprobs.append(current)
-                        assert out.entropy is not None
-                        entropy_sum += float((out.entropy * part.completion_mask).sum())
+                        if out.entropy is not None:
+                            entropy_sum += float((out.entropy * part.completion_mask).sum())
                         behaviour_gap = max(behaviour_gap, logprob_gap(part, current))
                     if fused and pass_index == 0:
                         with torch.no_grad():
