@@ -16,6 +16,7 @@ saved under ``output_dir/pairs/``, so a resumed run reads the very pairs it trai
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,13 @@ ReferenceScorer = Callable[[RolloutBatch], Tensor]
 
 def pairs_cache_dir(config: RunConfig, model_path: str, options: Any) -> Path:
     """Where the pairs of this starting model, task and pair options are cached."""
-    fields = ("pairs_file", "num_prompts", "samples_per_prompt", "pairs_per_prompt", "pairs_seed")
+    fields = ("num_prompts", "samples_per_prompt", "pairs_per_prompt", "pairs_seed")
+    # a user's file by its content, so an edited file is never served from a stale cache
+    pairs_file = options.pairs_file and hashlib.sha256(Path(options.pairs_file).read_bytes()).hexdigest()
     key = config_hash(
         model_path,
         config.task,
-        {name: getattr(options, name) for name in fields},
+        {"pairs_file": pairs_file, **{name: getattr(options, name) for name in fields}},
         config.rollout.max_new_tokens,
         config.rollout.temperature,
     )
@@ -93,8 +96,9 @@ class PairSource:
         refresh = self.options.refresh_every
         if step > 0 and not (self.cache / PAIRS_FILE).is_file():
             raise RLBenchError(
-                f"resuming at step {step}: the cached preference pairs {str(self.cache)!r} are gone, "
-                f"and the policy has moved since, so they cannot be rebuilt as they were"
+                f"resuming at step {step}: the cached preference pairs {str(self.cache)!r} are gone "
+                f"(or pairs_file changed since the run started), and the policy has moved since, so "
+                f"they cannot be rebuilt as they were"
             )
 
         def build(tmp: Path) -> None:

@@ -388,6 +388,10 @@ def test_dpo_reads_a_users_pairs_file(make_config, preset, tmp_path):
     assert metrics["train/num_pairs"] == 2.0
     cached = read_pairs(module.experience.cache / PAIRS_FILE)
     assert [p.chosen for p in cached] == ["42", "2"] and all(p.ref_chosen_logp is not None for p in cached)
+    # the cache is keyed by the file's content: an edited file is read afresh
+    path.write_text(json.dumps(lines[0]) + "\n")
+    edited = module_for(make_config, preset, "algorithm.name=dpo", f"algorithm.dpo.pairs_file={path}")
+    assert edited.experience.cache != module.experience.cache
 
 
 def test_online_dpo_rebuilds_its_pairs_from_the_current_policy(
