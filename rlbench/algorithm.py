@@ -8,7 +8,8 @@ same way for all of them:
 1. the experience source hands over a ``RolloutBatch`` (this process's share of the step);
 2. the module adds what is fixed for the step: the reference's log-probs
    (``needs_reference``) and, when ``needs_scores`` says so, pi_old's log-probs and the
-   algorithm's own per-token quantities from one no-grad pass (``score``: PPO's old values);
+   algorithm's own per-token quantities (``score``: PPO's old values), from a no-grad pass or,
+   when the whole batch is one micro-batch, from pass 0's own forward;
 3. ``prepare`` derives what the loss needs (advantages, returns), with collectives over all
    processes where a statistic must be global (whitening);
 4. ``loss`` runs once per micro-batch and optimisation pass;
@@ -133,9 +134,11 @@ class Algorithm(abc.ABC):
     def needs_scores(self) -> bool:
         """Whether ``prepare`` needs pi_old's log-probs and ``score``'s quantities.
 
-        When true, the module makes one no-grad pass over the batch before ``prepare`` (PPO's
-        KL-in-reward and GAE need them, whatever the number of passes). When false, pass 0's
-        own log-probs serve as pi_old for later passes: no extra forward.
+        When true, they exist before ``prepare`` whatever the number of passes (PPO's
+        KL-in-reward and GAE need them): from one no-grad pass, or -- when the whole batch is
+        one micro-batch -- from pass 0's own forward, with ``prepare`` run between that
+        forward and its backward. When false, pass 0's own log-probs serve as pi_old for later
+        passes. Either way no extra forward is made unless micro-batches require it.
         """
         return False
 

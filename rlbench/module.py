@@ -2,9 +2,10 @@
 
 A training step is: the step's experience from the source the algorithm declares (sampled,
 verified and selected groups from the ``RolloutCollector``, or preference pairs from the
-``PairSource``) -> the reference's log-probs if the algorithm needs them -> one no-grad pass
-for pi_old and the algorithm's own scores (old values) when it needs them before ``prepare``
--> ``algorithm.prepare`` (advantages, returns) -> passes x minibatches optimiser steps on
+``PairSource``) -> the reference's log-probs if the algorithm needs them -> pi_old and the
+algorithm's own scores (old values) when it needs them before ``prepare`` (a no-grad pass, or
+pass 0's own forward when the batch is one micro-batch) -> ``algorithm.prepare`` (advantages,
+returns) -> passes x minibatches optimiser steps on
 ``algorithm.loss`` -> ``algorithm.end_step`` (an adaptive KL coefficient). The module knows no
 algorithm or task by name: what differs is a property or method of the plug-in
 (``experience``, ``needs_reference``, ``needs_scores``, ``build_modules``...).
