@@ -39,7 +39,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from grpo_step import SHAPES  # benchmarks/ is on sys.path when this runs as a script
+from grpo_step import SHAPES, StepTimer  # benchmarks/ is on sys.path when this runs as a script
 
 from rlbench.config import load_config
 from rlbench.run import train
@@ -57,13 +57,12 @@ WARMUP = 2
 PPO_PASS_TARGET, DPO_STEP_TARGET = 1.2, 0.5
 
 
-class AlgorithmTimer(pl.Callback):
-    """Per step: seconds from batch start to end, in ``RLModule.update`` and generating."""
+class AlgorithmTimer(StepTimer):
+    """``StepTimer``'s step and generation seconds, plus the seconds in ``RLModule.update``."""
 
     def __init__(self) -> None:
-        self.steps: list[float] = []
+        super().__init__()
         self.updates: list[float] = []
-        self.generating: list[float] = []
         self.tokens_per_row: list[float] = []
         self.passes = 1
 
@@ -81,18 +80,6 @@ class AlgorithmTimer(pl.Callback):
             return out
 
         module.update = timed_update
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int
-    ) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        self.steps.append(time.perf_counter() - self.started)
-        # DPO samples nothing to train on
-        self.generating.append(module.last_metrics.get("perf/rollout_s", 0.0))
 
 
 def write_pairs(path: Path, count: int, length: int | None) -> None:
@@ -135,7 +122,7 @@ def measure(algorithm: str, shape: str, precision: str, steps: int, tmp: Path, d
     window = slice(WARMUP, WARMUP + steps)
     return {
         "step_s": statistics.median(timer.steps[window]),
-        "gen_s": statistics.median(timer.generating[window]),
+        "gen_s": statistics.median(timer.rollouts[window]),
         "pass_s": statistics.median(timer.updates[window]) / timer.passes,
         "tokens_per_row": statistics.mean(timer.tokens_per_row[window]),
     }

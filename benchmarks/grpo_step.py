@@ -47,7 +47,8 @@ class StepTimer(pl.Callback):
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.steps.append(time.perf_counter() - self.started)
-        self.rollouts.append(module.last_metrics["perf/rollout_s"])
+        # an algorithm that samples nothing to train on (DPO) logs no rollout time
+        self.rollouts.append(module.last_metrics.get("perf/rollout_s", 0.0))
 
 
 def measure(shape: str, precision: str, steps: int) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,3 +33,22 @@ def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
         return load_config(None, [*base, *overrides])
 
     return make
+
+
+def run_steps(module: Any, steps: int) -> dict[str, float]:
+    """Trains ``module`` (an ``RLModule``) for ``steps`` rollout steps in a bare Trainer; its
+    last step's metrics."""
+    import lightning.pytorch as pl
+
+    from rlbench.data import StepTicks
+
+    module.config.trainer.max_steps = steps
+    trainer = pl.Trainer(
+        max_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=StepTicks())
+    return module.last_metrics

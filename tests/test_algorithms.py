@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_steps
 from torch import nn
 
 from algorithms.dpo import DPO, DPOConfig, preference_loss
@@ -222,23 +223,6 @@ def module_for(make_config: Any, preset: str, *overrides: str) -> RLModule:
     return RLModule(config, preset)
 
 
-def run_steps(module: RLModule, steps: int) -> dict[str, float]:
-    import lightning.pytorch as pl
-
-    from rlbench.data import StepTicks
-
-    module.config.trainer.max_steps = steps
-    trainer = pl.Trainer(
-        max_steps=100,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=StepTicks())
-    return module.last_metrics
-
-
 PPO_RUN = ("algorithm.name=ppo", "algorithm.ppo.group_size=2", "algorithm.ppo.critic_lr=1e-2")
 
 
@@ -427,3 +411,17 @@ def test_ppo_value_head_reads_the_hidden_states_under_lora(odd_first_digit, make
     metrics = run_steps(module, 2)
     assert module.algorithm_modules["value_head"].linear.weight.abs().sum() > 0
     assert math.isfinite(metrics["train/value_loss"])
+
+
+def test_ppo_separate_critic_model_trains_its_own_trunk(odd_first_digit, make_config, preset):
+    module = module_for(make_config, preset, *PPO_RUN, "algorithm.ppo.critic=model", "optim.lr=1e-3")
+    critic = module.algorithm_modules["critic"]
+    assert not module.algorithm.needs_hidden_states  # the critic runs its own forward
+    assert not any(p.requires_grad for p in critic.get_output_embeddings().parameters())
+    start = critic.get_input_embeddings().weight.detach().clone()
+    metrics = run_steps(module, 2)
+    trained = critic.get_input_embeddings().weight.detach()
+    assert not torch.equal(trained, start)  # the critic's trunk learned (at critic_lr)
+    assert not torch.equal(trained, module.policy.get_input_embeddings().weight.detach())  # not the policy's
+    for name in ("value_loss", "values_mean", "value_clip_frac", "value_explained_var"):
+        assert math.isfinite(metrics[f"train/{name}"]), name

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_steps
 from torch import nn
 
 from rlbench.algorithm import RolloutBatch
@@ -229,23 +230,6 @@ def test_dropout_stays_in_training_forwards_when_asked(make_config, tmp_path: Pa
     first, _ = module.policy_logprobs(batch)
     again, _ = module.policy_logprobs(batch)
     assert not torch.equal(first, again)  # the option is honoured: dropout still acts
-
-
-def run_steps(module: RLModule, steps: int) -> dict[str, float]:
-    import lightning.pytorch as pl
-
-    from rlbench.data import StepTicks
-
-    module.config.trainer.max_steps = steps
-    trainer = pl.Trainer(
-        max_steps=100,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=StepTicks())
-    return module.last_metrics
 
 
 # ---------------------------------------------------------------- 4. sampling
