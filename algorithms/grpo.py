@@ -21,6 +21,11 @@ The objective, maximised (loss = -objective), aggregates ``L`` over tokens (loss
 ``mu`` optimisation passes are made over each batch of rollouts; with ``mu = 1`` the ratio is 1
 but its gradient is not zero.
 
+Process supervision (``advantage=prm``, THEORY.md section 5): with a reward per reasoning
+step, each step reward is normalised by the mean and std of all step rewards in the group,
+and a token's advantage is the sum of the normalised rewards of the steps ending at or after
+it (``rlbench.estimators.process_advantages``).
+
 Variants, as options:
 - Dr. GRPO: ``scale_rewards=false``, ``loss_aggregation=seq_mean_token_sum_norm``.
 - DAPO: ``eps_high=0.28`` (clip-higher), ``loss_aggregation=token_mean``,
@@ -40,7 +45,7 @@ from torch import Tensor
 
 from rlbench.algorithm import Algorithm, AllReduceSum, LossScale, RolloutBatch, single_process
 from rlbench.errors import require
-from rlbench.estimators import KL_ESTIMATORS, group_advantages
+from rlbench.estimators import KL_ESTIMATORS, group_advantages, process_advantages
 from rlbench.losses import AGGREGATIONS, clipped_policy_loss
 from rlbench.registry import ALGORITHMS
 
@@ -75,6 +80,11 @@ class GRPOConfig:
     """With dynamic_sampling, how many times fresh prompts may be sampled to refill dropped groups."""
     advantage_eps: float = 1e-4
     """Added to the reward std before dividing, so a group of equal rewards gets advantage 0."""
+    advantage: Literal["orm", "prm"] = "orm"
+    """orm: outcome supervision, one group-normalised reward per completion given to every
+    token; prm: process supervision, the task's step rewards normalised over the group, each
+    token's advantage the sum over the steps ending at or after it (tasks with steps only:
+    multistep)."""
 
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "group_size", self.group_size, "must be >= 1 (completions per prompt)")
@@ -109,6 +119,7 @@ class GRPOConfig:
         rounds = self.max_resample_rounds
         require(rounds >= 0, "max_resample_rounds", rounds, "must be >= 0")
         require(self.advantage_eps > 0.0, "advantage_eps", self.advantage_eps, "must be > 0")
+        require(self.advantage in ("orm", "prm"), "advantage", self.advantage, "'orm' or 'prm'")
 
 
 @ALGORITHMS.register("grpo")
@@ -134,6 +145,10 @@ class GRPO(Algorithm):
         return self.config.mu
 
     @property
+    def needs_step_rewards(self) -> bool:
+        return self.config.advantage == "prm"
+
+    @property
     def max_resample_rounds(self) -> int:
         return self.config.max_resample_rounds if self.config.dynamic_sampling else 0
 
@@ -144,10 +159,23 @@ class GRPO(Algorithm):
         return (rewards != rewards[:, :1]).any(dim=-1)
 
     def prepare(self, batch: RolloutBatch, all_reduce_sum: AllReduceSum = single_process) -> RolloutBatch:
-        """One advantage per completion, normalised within its prompt's group (a group lives on
-        one process, so no collective is needed)."""
-        grouped = batch.rewards.view(-1, batch.group_size)
+        """Advantages normalised within each prompt's group (a group lives on one process, so no
+        collective is needed): one per completion (ORM), or one per token from the step
+        rewards (PRM)."""
         cfg = self.config
+        if cfg.advantage == "prm":
+            if batch.step_rewards is None or batch.step_ends is None:
+                raise ValueError("PRM advantages need the batch's step rewards (the task's step_rewards)")
+            advantages = process_advantages(
+                batch.step_rewards,
+                batch.step_ends,
+                batch.group_size,
+                cfg.scale_rewards,
+                cfg.std,
+                cfg.advantage_eps,
+            )
+            return dataclasses.replace(batch, advantages=advantages)
+        grouped = batch.rewards.view(-1, batch.group_size)
         advantages = group_advantages(grouped, cfg.scale_rewards, cfg.std, cfg.advantage_eps)
         return dataclasses.replace(batch, advantages=advantages.view(-1))
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from rlbench.algorithm import Algorithm, AllReduceSum, LossScale, RolloutBatch, single_process
 from rlbench.errors import require
 from rlbench.estimators import KL_ESTIMATORS, gae, kl_estimate, kl_shaped_rewards
+from rlbench.forward import batch_forward, hidden_size, output_head
 from rlbench.losses import (
     AGGREGATIONS,
     aggregate,
@@ -48,7 +49,6 @@ from rlbench.losses import (
     masked_mean,
     whiten,
 )
-from rlbench.policy import batch_forward, hidden_size, output_head
 from rlbench.registry import ALGORITHMS
 
 

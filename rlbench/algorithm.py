@@ -64,6 +64,9 @@ class RolloutBatch:
     old_values: Tensor | None = None  # [B, T], the critic's V(s_t) before the update (PPO)
     returns: Tensor | None = None  # [B, T], the critic's regression targets (PPO)
     advantages: Tensor | None = None  # [B] (one per completion) or [B, T] (per token)
+    clean_rewards: Tensor | None = None  # [B], the verifier's rewards before reward noise
+    step_rewards: Tensor | None = None  # [B, T], a step's reward at the token that ends it (PRM)
+    step_ends: Tensor | None = None  # [B, T], 1.0 at the tokens where a step ends (PRM)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -145,6 +148,11 @@ class Algorithm(abc.ABC):
     @property
     def needs_hidden_states(self) -> bool:
         """Whether ``score`` and ``loss`` read the policy's last hidden states (a value head)."""
+        return False
+
+    @property
+    def needs_step_rewards(self) -> bool:
+        """Whether ``prepare`` reads the task's step rewards (``batch.step_rewards``: PRM)."""
         return False
 
     @property

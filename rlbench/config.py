@@ -221,10 +221,69 @@ class EvalConfig:
     """Greedy eval accuracy every this many rollout steps (always before the first and after the last)."""
     num_prompts: int = 200
     """Prompts of the task's eval split used for ``eval/accuracy``."""
+    samples: int = 1
+    """``k``: with k > 1, each eval also samples k completions per prompt at
+    ``rollout.temperature`` and logs the unbiased ``eval/pass@k`` and ``eval/maj@k`` (majority
+    vote of the extracted answers) beside the greedy ``eval/accuracy``."""
 
     def __post_init__(self) -> None:
         require(self.every_n_steps >= 1, "every_n_steps", self.every_n_steps, "an integer >= 1")
         require(self.num_prompts >= 1, "num_prompts", self.num_prompts, "an integer >= 1")
+        require(
+            isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an integer >= 1"
+        )
+
+
+@dataclass
+class RewardNoiseConfig:
+    flip_prob: float = 0.0
+    """Probability that a completion's reward is flipped, ``r -> 1 - r`` (binary rewards: correct
+    <-> incorrect); 0 disables it."""
+    gaussian_std: float = 0.0
+    """Standard deviation of Gaussian noise added to every reward; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.flip_prob, (int, float)) and 0.0 <= self.flip_prob <= 1.0,
+            "flip_prob",
+            self.flip_prob,
+            "a probability in [0, 1]",
+        )
+        require(
+            isinstance(self.gaussian_std, (int, float))
+            and math.isfinite(self.gaussian_std)
+            and self.gaussian_std >= 0.0,
+            "gaussian_std",
+            self.gaussian_std,
+            "a finite number >= 0",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip_prob > 0 or self.gaussian_std > 0
+
+
+@dataclass
+class DiagnosticsConfig:
+    collapse_threshold: float = 0.1
+    """Entropy collapse: the first step whose ``train/entropy_ratio`` (entropy over its value at
+    the first step) falls below this is reported once, as a warning, ``train/collapse_step``
+    and ``collapse_step`` in ``summary.json``."""
+    window: int = 20
+    """Trailing window, in steps, of the grad-norm spike counter and ``train/loss_std``."""
+    spike_sigmas: float = 4.0
+    """A grad-norm spike: a step whose grad norm exceeds the trailing window's mean by this many
+    standard deviations (counted in ``train/grad_norm_spikes``)."""
+
+    def __post_init__(self) -> None:
+        require(
+            0.0 < self.collapse_threshold < 1.0,
+            "collapse_threshold",
+            self.collapse_threshold,
+            "a fraction in (0, 1) of the first step's entropy",
+        )
+        require(isinstance(self.window, int) and self.window >= 2, "window", self.window, "an integer >= 2")
+        require(self.spike_sigmas > 0, "spike_sigmas", self.spike_sigmas, "a number > 0")
 
 
 @dataclass
@@ -278,6 +337,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward_noise: RewardNoiseConfig = field(default_factory=RewardNoiseConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -296,7 +357,16 @@ class RunConfig:
                 f"a multiple of the {processes} processes (trainer.devices x trainer.num_nodes), "
                 f"so that every process gets the same number of whole groups",
             )
-        group_size = ALGORITHMS.get(self.algorithm.name)(self.algorithm.options).group_size
+        algorithm = ALGORITHMS.get(self.algorithm.name)(self.algorithm.options)
+        if algorithm.needs_step_rewards and not TASKS.get(self.task.name).has_steps:
+            raise ConfigError(
+                "task.name",
+                self.task.name,
+                f"algorithm {self.algorithm.name!r} is set to use step rewards (process supervision), "
+                f"which task {self.task.name!r} does not give; use a task with steps (multistep) "
+                f"or outcome advantages",
+            )
+        group_size = algorithm.group_size
         batch = self.rollout.prompts_per_step * group_size
         for name, value in (
             ("rollout.micro_batch_size", self.rollout.micro_batch_size),

@@ -102,6 +102,43 @@ def group_advantages(
     return centred / (spread + eps)
 
 
+def process_advantages(
+    step_rewards: Tensor,
+    step_ends: Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    std: Literal["sample", "population"] = "sample",
+    eps: float = 1e-4,
+) -> Tensor:
+    """PRM advantages (process supervision), ``[B, T]``.
+
+    ``step_rewards[i, t]`` is the reward of the step of completion ``i`` that ends at token
+    ``t`` where ``step_ends[i, t] = 1`` (0 elsewhere); rows ``g*G .. g*G+G-1`` form a group.
+    Every step reward is normalised by the mean and std of all step rewards of its group,
+    ``r~ = (r - mean(R)) / (std(R) + eps)``, and a token's advantage is the sum of the
+    normalised rewards of the steps ending at or after it::
+
+        A_{i,t} = sum_{j : index(j) >= t} r~_i^{index(j)}
+
+    ``scale_by_std=False`` only centres (Dr. GRPO). Tokens after a completion's last step get
+    0; a group without steps gets 0 everywhere.
+    """
+    ends = step_ends.to(step_rewards.dtype)
+    rows, width = step_rewards.shape
+    grouped_r = (step_rewards * ends).view(-1, group_size * width)
+    grouped_e = ends.view(-1, group_size * width)
+    count = grouped_e.sum(-1, keepdim=True)
+    mean = grouped_r.sum(-1, keepdim=True) / count.clamp(min=1)
+    centred = (grouped_r - mean) * grouped_e
+    if scale_by_std:
+        correction = 1 if std == "sample" else 0
+        var = (centred**2).sum(-1, keepdim=True) / (count - correction).clamp(min=1)
+        centred = centred / (var.sqrt() + eps)
+    normalised = centred.view(rows, width)
+    # sum over steps ending at or after t: a reversed cumulative sum along the tokens
+    return normalised.flip(-1).cumsum(-1).flip(-1)
+
+
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:
     """RLOO advantages ``A_i = r_i - 1/(G-1) sum_{j != i} r_j`` along the last dimension.
 

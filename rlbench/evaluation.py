@@ -6,14 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.policy import inference_mode
+from rlbench.prompting import encode_prompts
 from rlbench.rollout import RolloutBackend, SamplingParams
 from rlbench.task import Prompt, Task
-
-
-def encode_prompts(tokenizer: object, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Left-padded ``(input_ids, attention_mask)`` of prompt texts."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True)  # type: ignore[operator]
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def decode_completions(tokenizer: object, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
@@ -82,7 +77,7 @@ def greedy_correct(
     with inference_mode(model):
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
-            ids, mask = encode_prompts(tokenizer, [p.text for p in part], device)
+            ids, mask = encode_prompts(tokenizer, [p.text for p in part], device, task.config)
             params = SamplingParams(max_new_tokens, 0.0)
             rollout = backend.generate(model, ids, mask, [0] * len(part), params)
             texts, invalid = read_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)

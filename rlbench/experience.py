@@ -15,6 +15,8 @@ the same number of backward passes and DDP's all-reduces stay matched).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,10 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.algorithm import Algorithm, RolloutBatch
+from rlbench.config import RewardNoiseConfig
 from rlbench.data import PromptBatch, PromptSource
 from rlbench.errors import RewardError
-from rlbench.evaluation import encode_prompts, read_completions
+from rlbench.evaluation import read_completions
+from rlbench.noise import add_noise
 from rlbench.policy import inference_mode
+from rlbench.prompting import encode_prompts
 from rlbench.rollout import RolloutBackend, SamplingParams, concat_rollouts
 from rlbench.task import Task
 
@@ -70,6 +75,7 @@ class RolloutCollector:
         tokenizer: Any,
         micro_batch_size: int,
         group_size: int | None = None,
+        noise: RewardNoiseConfig | None = None,
     ) -> None:
         #: Completions per prompt: the algorithm's group size unless told otherwise (DPO's pair
         #: builder samples k per prompt to find a rewarded and an unrewarded one).
@@ -82,6 +88,8 @@ class RolloutCollector:
         self.sampling = sampling
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
+        #: Reward noise injected before the algorithm sees a reward (None or disabled: none).
+        self.noise = noise
 
     def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
         """Nothing to prepare: rollouts are sampled fresh every step."""
@@ -134,7 +142,7 @@ class RolloutCollector:
         repeated = [p for p in prompts.prompts for _ in range(G)]  # row i * G + j: prompt i
         texts = [p.text for p in repeated]
         device = next(policy.parameters()).device
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device, self.task.config)
         seeds = self.source.completion_seeds(prompts, G)
         started = time.perf_counter()
         # eval mode: the sampling policy is the one the loss scores as pi_old (no dropout)
@@ -151,12 +159,21 @@ class RolloutCollector:
         generate_s = time.perf_counter() - started
         ids, mask = rollout.completion_ids, rollout.completion_mask
         completions, invalid = read_completions(self.tokenizer, ids, mask)
-        rewards = self.score(repeated, completions, device).masked_fill(invalid.to(device), 0.0)
+        clean = self.score(repeated, completions, device).masked_fill(invalid.to(device), 0.0)
+        flipped = torch.zeros_like(clean, dtype=torch.bool)
+        rewards = clean
+        if self.noise is not None and self.noise.enabled:
+            rewards, flipped = add_noise(clean, seeds, self.noise)
+        step_rewards = step_ends = None
+        if self.algorithm.needs_step_rewards:
+            step_rewards, step_ends = self.steps(repeated, completions, ids, mask, invalid)
         grouped = rewards.view(-1, G)
         lengths = mask.sum(-1)
         distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
         metrics = {
             "train/reward_mean": rewards.mean().item(),
+            "train/reward_clean_mean": clean.mean().item(),
+            "train/reward_noise_rate": flipped.float().mean().item(),
             "train/reward_std": rewards.std(unbiased=False).item(),
             "train/reward_group_std": grouped.std(-1, unbiased=False).mean().item(),
             "train/frac_zero_std_groups": (grouped.max(-1).values == grouped.min(-1).values)
@@ -177,8 +194,30 @@ class RolloutCollector:
             behaviour_logprobs=rollout.logprobs,
             rewards=rewards,
             group_size=G,
+            clean_rewards=clean,
+            step_rewards=step_rewards,
+            step_ends=step_ends,
         )
         return batch, metrics
+
+    def steps(
+        self, prompts: list[Any], completions: list[str], ids: Tensor, mask: Tensor, invalid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(step_rewards, step_ends)``, ``[B, T]``: each step's reward from the task's
+        ``step_rewards``, placed at the completion token where the step's text ends. A
+        completion with a special token before its EOS has no steps (it scores 0)."""
+        rewards = torch.zeros(ids.shape, dtype=torch.float32)
+        ends = torch.zeros(ids.shape, dtype=torch.float32)
+        lengths = mask.sum(-1).long().tolist()
+        for i, (prompt, text) in enumerate(zip(prompts, completions, strict=True)):
+            if bool(invalid[i]) or lengths[i] == 0:
+                continue
+            offsets = token_end_offsets(self.tokenizer, ids[i, : lengths[i]].tolist())
+            for end, reward in self.task.step_rewards(prompt, text):
+                # the first token whose text reaches the step's last character
+                t = min(bisect.bisect_left(offsets, end), lengths[i] - 1)
+                rewards[i, t], ends[i, t] = float(reward), 1.0
+        return rewards.to(ids.device), ends.to(ids.device)
 
     def score(self, prompts: list[Any], completions: list[str], device: torch.device) -> Tensor:
         """The task's rewards as a ``[B]`` float tensor; a malformed answer is a ``RewardError``."""
@@ -199,6 +238,13 @@ class RolloutCollector:
                 f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats"
             )
         return torch.tensor(rewards, dtype=torch.float32, device=device)
+
+
+def token_end_offsets(tokenizer: Any, ids: list[int]) -> list[int]:
+    """For each token, the length of the decoded text up to and including it (special tokens
+    decode to nothing), so a character offset in the completion maps to its token."""
+    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    return list(itertools.accumulate(len(p) for p in pieces))
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from rlbench.algorithm import RolloutBatch
 from rlbench.config import LoraConfig
 from rlbench.errors import ConfigError, RLBenchError
-from rlbench.policy import batch_logprobs, inference_mode
+from rlbench.forward import batch_logprobs
+from rlbench.policy import inference_mode
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:

@@ -33,13 +33,12 @@ from rlbench.config import RunConfig
 from rlbench.data import PromptSource
 from rlbench.evaluation import greedy_correct
 from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
+from rlbench.forward import ForwardOutput, batch_forward
 from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
 from rlbench.lora import AdapterReference, apply_lora
 from rlbench.metrics import combine_micro_batches, reduce_passes
 from rlbench.pair_source import PairSource
 from rlbench.policy import (
-    ForwardOutput,
-    batch_forward,
     disable_dropout,
     frozen_copy,
     inference_mode,
@@ -100,6 +99,7 @@ class RLModule(pl.LightningModule):
             ),
             tokenizer=self.tokenizer,
             micro_batch_size=rollout.micro_batch_size,
+            noise=config.reward_noise,
         )
         #: Where each step's experience comes from, as the algorithm declares.
         self.experience: ExperienceSource = (

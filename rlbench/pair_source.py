@@ -29,9 +29,10 @@ from rlbench.cache import build_once
 from rlbench.config import RunConfig, config_hash
 from rlbench.data import PromptSource
 from rlbench.errors import RLBenchError
-from rlbench.evaluation import encode_prompts, read_completions
+from rlbench.evaluation import read_completions
 from rlbench.experience import Gather, RolloutCollector, micro_batches
 from rlbench.pairs import PreferencePair, build_pairs, check_pairs, read_pairs, write_pairs
+from rlbench.prompting import encode_prompts
 from rlbench.rollout import derive_seed
 
 PAIRS_FILE = "pairs.jsonl"
@@ -139,6 +140,7 @@ class PairSource:
             tokenizer=self.tokenizer,
             micro_batch_size=self.sampler.micro_batch_size,
             group_size=k,
+            noise=self.sampler.noise,
         )
         prompts = source.batch(0)
         batch, _ = sampler.sample(policy, prompts)
@@ -215,7 +217,7 @@ class PairSource:
         """Rows ``2p`` (chosen) and ``2p + 1`` (rejected): the prompt left-padded, the completion
         right-padded and closed with EOS, as the sampler would have ended it."""
         texts = [p.prompt for p in pairs for _ in range(2)]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, texts, device, self.sampler.task.config)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         completions = [c for p in pairs for c in (p.chosen, p.rejected)]
         encoded = self.tokenizer(completions, add_special_tokens=False)["input_ids"]

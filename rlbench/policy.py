@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from rlbench.algorithm import RolloutBatch
 from rlbench.cache import build_once
 from rlbench.errors import RLBenchError
 from rlbench.registry import did_you_mean
@@ -46,7 +43,7 @@ def char_tokenizer(alphabet: str) -> Any:
     for ch in dict.fromkeys(alphabet):  # keeps first occurrences, in order
         vocab.setdefault(ch, len(vocab))
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
     core.decoder = decoders.Fuse()  # decode "4","6" as "46", not "4 6"
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
@@ -97,11 +94,18 @@ def build_preset(name: str, alphabet: str, seed: int, directory: Path) -> Path:
     return build_once(directory, build, complete=Path.is_dir)
 
 
-def resolve_model_path(name_or_path: str, alphabet: str, seed: int, cache_dir: Path) -> str:
-    """A loadable name: a local directory, a preset (built into ``cache_dir`` once), or a hub name."""
+def resolve_model_path(name_or_path: str, alphabet: str | None, seed: int, cache_dir: Path) -> str:
+    """A loadable name: a local directory, a preset (built into ``cache_dir`` once), or a hub name.
+    A preset's char tokenizer covers ``alphabet`` (the task's characters; None: the task has
+    none, and only real tokenizers can read it)."""
     if Path(name_or_path).is_dir():
         return name_or_path
     if name_or_path in PRESETS:
+        if not alphabet:
+            raise RLBenchError(
+                f"model.name_or_path={name_or_path!r} is a tiny char-tokenizer preset, but the task "
+                f"declares no alphabet for it to cover; use a real model (a hub name or local directory)"
+            )
         from rlbench.config import config_hash
 
         directory = cache_dir / "presets" / f"{name_or_path}-{config_hash(alphabet, seed)}"
@@ -186,13 +190,6 @@ def inference_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def cache_kwarg(model: nn.Module) -> str:
-    """The name of the KV-cache argument of ``model.forward``: ``cache`` from transformers 5.23
-    (``past_key_values`` is removed in 5.40), ``past_key_values`` before and in remote code."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def check_model_dir(name_or_path: str) -> None:
     """A local directory must hold a transformers model config; say so before loading fails obscurely."""
     directory = Path(name_or_path)
@@ -217,147 +214,3 @@ def check_model_dir(name_or_path: str) -> None:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen reference policy: same weights, eval mode, no dropout, no gradients."""
     return disable_dropout(copy.deepcopy(model).eval().requires_grad_(False))
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as ``generate`` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@dataclass
-class ForwardOutput:
-    """What one teacher-forced forward over a batch's completions gives, per completion token."""
-
-    logprobs: Tensor  # [B, T], fp32, with gradient when the forward had one
-    entropy: Tensor | None = None  # [B, T], exact, detached
-    hidden: Tensor | None = None  # [B, T, H], the last hidden state that predicts token t
-
-
-def output_head(model: nn.Module) -> nn.Module:
-    """The module that maps the last hidden state to logits (the LM head), LoRA wrapper or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not isinstance(head, nn.Module):
-        raise RLBenchError(
-            f"{type(base).__name__} exposes no output embeddings (get_output_embeddings), so its "
-            f"trunk gives no hidden states to a value head; use a causal LM with an LM head"
-        )
-    return head
-
-
-def hidden_size(model: nn.Module) -> int:
-    """Width of the last hidden state (what a value head reads)."""
-    weight = getattr(output_head(model), "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise RLBenchError(f"{type(model).__name__}: its LM head has no [vocab, hidden] weight")
-    return int(weight.shape[1])
-
-
-@contextlib.contextmanager
-def capture_head_input(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Records the input of the LM head during a forward: the last hidden states, exactly the
-    positions the logits are computed for, at no cost (``output_hidden_states=True`` would keep
-    every layer's activations). The captured tensor carries the forward's gradient."""
-    captured: list[Tensor] = []
-    handle = output_head(model).register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def completion_forward(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    vocab_size: int | None = None,
-    with_hidden: bool = False,
-) -> ForwardOutput:
-    """Per-token log-probs of ``completion_ids`` under ``model`` in fp32, and optionally the
-    exact entropy and the last hidden states.
-
-    One teacher-forced forward over prompt + completion; logits are computed for completion
-    positions only. Both are at the sampling ``temperature``: ``softmax(logits / T)`` over the
-    first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if None).
-    The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached. The hidden
-    state at position t is the one that predicts completion token t (the state ``s_t`` a
-    value head scores).
-    """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    num_completion = completion_ids.shape[1]
-    padded = not bool(prompt_mask.all())
-    hooks = capture_head_input(model) if with_hidden else contextlib.nullcontext([])
-    with hooks as captured:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask if padded else None,
-            position_ids=position_ids(mask) if padded else None,
-            use_cache=False,
-            logits_to_keep=num_completion + 1,
-        )
-    # position t predicts completion token t
-    logits = out.logits[:, :-1, :vocab_size].float() / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    hidden = captured[-1][:, -(num_completion + 1) : -1] if with_hidden else None
-    return ForwardOutput(logprobs, entropy, hidden)
-
-
-def completion_logprobs(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    vocab_size: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """``(logprobs, entropy)`` of ``completion_forward``."""
-    out = completion_forward(
-        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, with_entropy, vocab_size
-    )
-    return out.logprobs, out.entropy
-
-
-def batch_forward(
-    model: nn.Module,
-    batch: RolloutBatch,
-    temperature: float,
-    with_entropy: bool = False,
-    vocab_size: int | None = None,
-    with_hidden: bool = False,
-) -> ForwardOutput:
-    """``completion_forward`` of a rollout batch's completions (policy, reference, critic)."""
-    return completion_forward(
-        model,
-        batch.prompt_ids,
-        batch.prompt_mask,
-        batch.completion_ids,
-        batch.completion_mask,
-        temperature,
-        with_entropy=with_entropy,
-        vocab_size=vocab_size,
-        with_hidden=with_hidden,
-    )
-
-
-def batch_logprobs(
-    model: nn.Module,
-    batch: RolloutBatch,
-    temperature: float,
-    with_entropy: bool = False,
-    vocab_size: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """``(logprobs, entropy)`` of ``batch_forward``."""
-    out = batch_forward(model, batch, temperature, with_entropy, vocab_size)
-    return out.logprobs, out.entropy

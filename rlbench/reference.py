@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rlbench.algorithm import RolloutBatch
-from rlbench.policy import batch_logprobs, inference_mode
+from rlbench.forward import batch_logprobs
+from rlbench.policy import inference_mode
 
 
 class FrozenReference:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rlbench.algorithm import cat_padded
-from rlbench.policy import cache_kwarg, position_ids
+from rlbench.forward import cache_kwarg, distinct_prompts, position_ids, prefill
 
 
 def derive_seed(*parts: int) -> int:
@@ -117,8 +117,6 @@ class DecodeLoop(RolloutBackend):
         seeds: list[int],
         params: SamplingParams,
     ) -> Rollout:
-        from transformers import DynamicCache
-
         rows, device = prompt_ids.shape[0], prompt_ids.device
         greedy = params.temperature == 0
         uniforms = None
@@ -130,21 +128,9 @@ class DecodeLoop(RolloutBackend):
         mask = prompt_mask.clone()
         # A group's G rows share one prompt: prefill each distinct prompt once, then copy its
         # KV cache to the group's rows (G times less prefill work).
-        distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-        width = prompt_ids.shape[1]
-        cache = DynamicCache()
-        # transformers >= 5.23 names it ``cache`` (``past_key_values`` goes in 5.40); older
-        # releases and remote-code models only know ``past_key_values``
+        prompts, prompt_masks, row_of = distinct_prompts(prompt_ids, prompt_mask)
+        out, cache = prefill(model, prompts, prompt_masks, row_of)
         cache_arg = {cache_kwarg(model): cache}
-        out = model(
-            input_ids=distinct[:, :width],
-            attention_mask=distinct[:, width:] if padded else None,
-            position_ids=position_ids(distinct[:, width:]) if padded else None,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_arg,
-        )
-        cache.reorder_cache(row_of)  # distinct rows come sorted: always map back to row order
         vocab = slice(0, self.vocab_size)  # real tokens only
         logits = out.logits[row_of, -1, vocab].float()
         next_position = position_ids(mask)[:, -1:] + 1

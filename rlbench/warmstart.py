@@ -25,7 +25,9 @@ from rlbench.config import RunConfig, config_hash
 from rlbench.data import StepTicks
 from rlbench.errors import RLBenchError
 from rlbench.evaluation import greedy_accuracy
-from rlbench.policy import load_policy, position_ids, real_vocab_size, resolve_model_path
+from rlbench.forward import position_ids
+from rlbench.policy import load_policy, real_vocab_size, resolve_model_path
+from rlbench.prompting import prompt_token_ids
 from rlbench.registry import TASKS
 from rlbench.rollout import BACKENDS, derive_seed
 from rlbench.task import Prompt, Task
@@ -132,7 +134,7 @@ class WarmStartModule(pl.LightningModule):
         demos = held_out_demonstrations(
             self.task, ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step), self.held_out
         )
-        input_ids, mask, labels = encode_demonstrations(self.tokenizer, demos, self.device)
+        input_ids, mask, labels = encode_demonstrations(self.tokenizer, demos, self.device, self.task.config)
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), labels=labels
         )
@@ -158,12 +160,13 @@ class WarmStartModule(pl.LightningModule):
 
 
 def encode_demonstrations(
-    tokenizer: Any, demos: list[tuple[str, str]], device: torch.device
+    tokenizer: Any, demos: list[tuple[str, str]], device: torch.device, options: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``prompt + completion + EOS`` with labels on the completion and EOS only."""
+    """Left-padded ``prompt + completion + EOS`` with labels on the completion and EOS only;
+    prompts rendered as in sampling (``task.prompt_format``)."""
     rows, targets = [], []
     for prompt, completion in demos:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt_ids = prompt_token_ids(tokenizer, prompt, options)
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
             tokenizer.eos_token_id
         ]

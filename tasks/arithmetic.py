@@ -1,4 +1,4 @@
-"""Arithmetic: compute ``12+34=`` and answer ``46``, checked by exact string match.
+"""Arithmetic: compute ``12+34=`` and answer ``46``; the last number the completion states is checked.
 
 Each problem is a tuple of operands joined by operators drawn uniformly from ``operators``
 (one per gap). The expression is evaluated with normal precedence (``*`` before ``+``/``-``),
@@ -16,22 +16,20 @@ silently tiny or overlapping split.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from rlbench.errors import require
 from rlbench.registry import TASKS
-from rlbench.task import Prompt, Split, Task
+from rlbench.task import Prompt, Split, Task, TaskOptions
 
 OPERATORS = ("+", "-", "*")
-INTEGER = re.compile(r"-?\d+")
 # A problem: (operands, operators between them).
 Problem = tuple[tuple[int, ...], tuple[str, ...]]
 
 
 @dataclass
-class ArithmeticConfig:
+class ArithmeticConfig(TaskOptions):
     digits: int = 2
     """Digits of the first operand (1 digit means 0-9; d > 1 digits means 10^(d-1) to 10^d - 1)."""
     digits_b: int | None = None
@@ -44,10 +42,9 @@ class ArithmeticConfig:
     """Distinct problems in the fixed eval split (at most half of all distinct problems)."""
     split_seed: int = 1234
     """Seed that picks which problems form the eval split."""
-    format_reward: float = 0.0
-    """Reward for a wrong answer that is still a well-formed integer; 0 disables it."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(
             isinstance(self.digits, int) and 1 <= self.digits <= 9,
             "digits",
@@ -75,7 +72,6 @@ class ArithmeticConfig:
             self.operators,
             "a non-empty list of distinct operators from '+', '-', '*'",
         )
-        require(0.0 <= self.format_reward < 1.0, "format_reward", self.format_reward, "a number in [0, 1)")
         total = self.problem_count()
         require(
             isinstance(self.eval_size, int) and 1 <= self.eval_size <= total // 2,
@@ -113,7 +109,7 @@ def evaluate(operands: tuple[int, ...], operators: tuple[str, ...]) -> int:
 
 @TASKS.register("arithmetic")
 class Arithmetic(Task):
-    """Multi-digit arithmetic (a+b=, optionally - and *) with an exact-answer verifier."""
+    """Multi-digit arithmetic (a+b=, optionally - and *): the last number of the answer is checked."""
 
     Config = ArithmeticConfig
     alphabet = "0123456789+-*="
@@ -184,16 +180,6 @@ class Arithmetic(Task):
         else:
             raise ValueError(f"unknown split {split!r}; valid splits: 'train', 'eval'")
         return [self.to_prompt(p) for p in problems]
-
-    def reward(self, prompt: Prompt, completion: str) -> float:
-        """1 for the exact answer, ``format_reward`` for another integer, else 0 (whitespace ignored)."""
-        text = "".join(completion.split())
-        if text == prompt.answer:
-            return 1.0
-        return self.config.format_reward if INTEGER.fullmatch(text) else 0.0
-
-    def is_correct(self, prompt: Prompt, completion: str) -> bool:
-        return "".join(completion.split()) == prompt.answer
 
     def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
         return [(p.text, p.answer) for p in self.prompts("train", n, seed)]

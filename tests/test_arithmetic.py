@@ -80,21 +80,35 @@ def test_operand_digits() -> None:
 
 
 def test_reward() -> None:
+    """The last number the completion states is the answer; numbers compare as numbers."""
     prompt = Prompt(text="12+34=", answer="46")
     task, shaped = make(), make(format_reward=0.1)
     assert task.reward(prompt, "46") == 1.0
-    assert task.reward(prompt, " 4 6 \n") == 1.0  # char tokenizers may decode with spaces
+    assert task.reward(prompt, " 46 \n") == 1.0
+    assert task.reward(prompt, "12+34=46") == 1.0  # the last number counts
+    assert task.reward(prompt, "The answer is 46.") == 1.0  # a real model's sentence
+    assert task.reward(prompt, "46.0") == 1.0 and task.reward(prompt, "046") == 1.0
     assert task.reward(prompt, "47") == 0.0
+    assert task.reward(prompt, "46 or 47") == 0.0
     assert shaped.reward(prompt, "47") == 0.1
     assert shaped.reward(prompt, "-7") == 0.1
-    assert shaped.reward(prompt, "46=") == 0.0  # not a well-formed integer
-    assert shaped.reward(prompt, "4a6") == 0.0
+    assert shaped.reward(prompt, "=") == 0.0  # no number: no answer
     assert shaped.reward(prompt, "") == 0.0
     assert shaped.reward(prompt, "46") == 1.0
-    assert task.is_correct(prompt, "4 6") and not task.is_correct(prompt, "046")
+    assert not task.is_correct(prompt, "4 6")  # two numbers, the last is 6
     assert task.rewards([prompt, prompt], ["46", "x"]) == [1.0, 0.0]
     negative = Prompt(text="3-10=", answer="-7")
-    assert task.reward(negative, "- 7") == 1.0 and task.reward(negative, "7") == 0.0
+    assert task.reward(negative, "-7") == 1.0 and task.reward(negative, "7") == 0.0
+
+
+def test_a_chosen_extractor_reads_the_answer() -> None:
+    prompt = Prompt(text="12+34=", answer="46")
+    tagged = make(extractor="answer_tag", format_reward=0.1)
+    assert tagged.reward(prompt, "I add them. <answer>46</answer>") == 1.0
+    assert tagged.reward(prompt, "46") == 0.0  # no tag: no answer, no format reward
+    assert tagged.reward(prompt, "<answer>45</answer>") == 0.1
+    with pytest.raises(ConfigError, match="extractor='lastnumber'.*last_number"):
+        make(extractor="lastnumber")
 
 
 @pytest.mark.parametrize(

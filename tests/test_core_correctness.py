@@ -24,15 +24,16 @@ from torch import nn
 from rlbench.algorithm import RolloutBatch
 from rlbench.cache import build_once
 from rlbench.errors import RLBenchError
-from rlbench.evaluation import encode_prompts, greedy_correct, special_token_rows
+from rlbench.evaluation import greedy_correct, special_token_rows
+from rlbench.forward import completion_logprobs
 from rlbench.module import RLModule
 from rlbench.policy import (
     char_tokenizer,
-    completion_logprobs,
     load_policy,
     real_vocab_size,
     resolve_model_path,
 )
+from rlbench.prompting import encode_prompts
 from rlbench.registry import TASKS
 from rlbench.rollout import (
     DecodeLoop,

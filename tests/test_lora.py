@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 from rlbench.algorithm import RolloutBatch
 from rlbench.config import LoraConfig
 from rlbench.errors import ConfigError, RLBenchError
+from rlbench.forward import completion_logprobs
 from rlbench.lora import AdapterReference, apply_lora, export_model
 from rlbench.module import RLModule
-from rlbench.policy import completion_logprobs, load_policy
+from rlbench.policy import load_policy
 from rlbench.registry import TASKS
 from rlbench.rollout import DecodeLoop, SamplingParams
 from rlbench.run import train

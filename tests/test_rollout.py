@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rlbench.errors import RLBenchError
-from rlbench.evaluation import encode_prompts
-from rlbench.policy import char_tokenizer, completion_logprobs, load_policy, resolve_model_path
+from rlbench.forward import completion_forward, completion_logprobs
+from rlbench.policy import char_tokenizer, load_policy, resolve_model_path
+from rlbench.prompting import encode_prompts
 from rlbench.rollout import DecodeLoop, SamplingParams, completion_mask, derive_seed, filter_logits
 
 ALPHABET = "0123456789+-*="
@@ -102,6 +103,34 @@ def test_entropy_is_exact(policy):
     p = torch.softmax(logits.double(), -1)
     expected = -(p * p.log()).sum(-1)
     assert torch.allclose(entropy.double(), expected, atol=1e-4)
+
+
+def test_shared_prompt_forward_equals_one_forward_per_row(policy):
+    """Rows that repeat a prompt run it once on a copied KV cache: log-probs, entropy, hidden
+    states and gradients are those of separate full forwards, left padding included."""
+    model, _ = policy
+    ids, mask, rollout = sample(policy, [p for p in PROMPTS[:3] for _ in range(2)], SEEDS[:6])
+    completions, completion_masks = rollout.completion_ids, rollout.completion_mask
+    assert not bool(mask.all())  # mixed prompt lengths
+
+    def forward(rows: slice):
+        model.zero_grad()
+        out = completion_forward(
+            model, ids[rows], mask[rows], completions[rows], completion_masks[rows], 0.7, True, None, True
+        )
+        (out.logprobs * completion_masks[rows]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return out, grads
+
+    shared, shared_grads = forward(slice(None))  # 3 distinct prompts, 6 rows: shared prefill
+    alone = [forward(slice(i, i + 1)) for i in range(6)]  # one row: a single full forward
+    m = completion_masks
+    assert torch.allclose(shared.logprobs * m, torch.cat([a.logprobs for a, _ in alone]) * m, atol=1e-5)
+    assert torch.allclose(shared.entropy * m, torch.cat([a.entropy for a, _ in alone]) * m, atol=1e-5)
+    hidden = torch.cat([a.hidden for a, _ in alone]) * m[..., None]
+    assert torch.allclose(shared.hidden * m[..., None], hidden, atol=1e-5)
+    for got, *rows in zip(shared_grads, *(g for _, g in alone)):
+        assert torch.allclose(got, sum(rows), atol=1e-5)
 
 
 def test_mask_stops_after_eos(policy):

@@ -1,0 +1,225 @@
+"""Teacher-forced forwards: per-token log-probs, exact entropy and last hidden states of
+completions under a causal LM, and the prompt prefill that sampling and scoring share.
+
+Rows that share a prompt (a GRPO group's G samples, a DPO pair's chosen and rejected) run that
+prompt once: its KV cache is computed for each distinct prompt and copied to the rows that hold
+it, so the prompt's compute (and, in training, its backward) is paid once per prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlbench.algorithm import RolloutBatch
+from rlbench.errors import RLBenchError
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model.forward``: ``cache`` from transformers 5.23
+    (``past_key_values`` is removed in 5.40), ``past_key_values`` before and in remote code."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's distinct prompts ``(ids, mask)`` and, for each row, the index of its own."""
+    width = prompt_ids.shape[1]
+    both = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1)
+    distinct, row_of = torch.unique(both, dim=0, return_inverse=True)
+    return distinct[:, :width], distinct[:, width:].to(prompt_mask.dtype), row_of
+
+
+def prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, row_of: Tensor) -> tuple[Any, Any]:
+    """Runs distinct prompts once with a KV cache and copies the cache to the rows: row ``i``
+    gets prompt ``row_of[i]``'s. Returns the model output (logits of the last position, one
+    row per distinct prompt) and the cache (one row per batch row). Under autograd the copy
+    is an ``index_select``, so each prompt's gradient is the sum over its rows, as if every
+    row had run the prompt itself."""
+    from transformers import DynamicCache
+
+    padded = not bool(prompt_mask.all())
+    cache = DynamicCache()
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask if padded else None,
+        position_ids=position_ids(prompt_mask) if padded else None,
+        use_cache=True,
+        logits_to_keep=1,
+        # transformers >= 5.23 names it ``cache`` (``past_key_values`` goes in 5.40); older
+        # releases and remote-code models only know ``past_key_values``
+        **{cache_kwarg(model): cache},
+    )
+    cache.reorder_cache(row_of)
+    return out, cache
+
+
+@dataclass
+class ForwardOutput:
+    """What one teacher-forced forward over a batch's completions gives, per completion token."""
+
+    logprobs: Tensor  # [B, T], fp32, with gradient when the forward had one
+    entropy: Tensor | None = None  # [B, T], exact, detached
+    hidden: Tensor | None = None  # [B, T, H], the last hidden state that predicts token t
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module that maps the last hidden state to logits (the LM head), LoRA wrapper or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        raise RLBenchError(
+            f"{type(base).__name__} exposes no output embeddings (get_output_embeddings), so its "
+            f"trunk gives no hidden states to a value head; use a causal LM with an LM head"
+        )
+    return head
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the last hidden state (what a value head reads)."""
+    weight = getattr(output_head(model), "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise RLBenchError(f"{type(model).__name__}: its LM head has no [vocab, hidden] weight")
+    return int(weight.shape[1])
+
+
+@contextlib.contextmanager
+def capture_head_input(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Records the input of the LM head during a forward: the last hidden states, exactly the
+    positions the logits are computed for, at no cost (``output_hidden_states=True`` would keep
+    every layer's activations). The captured tensor carries the forward's gradient."""
+    captured: list[Tensor] = []
+    handle = output_head(model).register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def completion_forward(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+    with_hidden: bool = False,
+) -> ForwardOutput:
+    """Per-token log-probs of ``completion_ids`` under ``model`` in fp32, and optionally the
+    exact entropy and the last hidden states.
+
+    A teacher-forced forward over prompt + completion; logits are computed for completion
+    positions only. When rows repeat prompts (two or more rows per distinct prompt), each
+    distinct prompt runs once (``prefill``) and the completions run on its copied cache.
+    Log-probs and entropy are at the sampling ``temperature``: ``softmax(logits / T)`` over
+    the first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if
+    None). The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached.
+    The hidden state at position t is the one that predicts completion token t (the state
+    ``s_t`` a value head scores).
+    """
+    num_completion = completion_ids.shape[1]
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    padded = not bool(prompt_mask.all())
+    prompts, prompt_masks, row_of = distinct_prompts(prompt_ids, prompt_mask)
+    # Sharing pays when rows repeat a prompt; it costs a second call through the model.
+    shared = 2 * len(prompts) <= len(prompt_ids)
+    hooks = capture_head_input(model) if with_hidden else contextlib.nullcontext([])
+    with hooks as captured:
+        if shared:
+            first, cache = prefill(model, prompts, prompt_masks, row_of)
+            logits = first.logits[row_of, -1:]  # predicts completion token 0
+            if num_completion > 1:  # token t - 1 predicts token t
+                rest = model(
+                    input_ids=completion_ids[:, :-1],
+                    attention_mask=mask[:, :-1] if padded else None,
+                    position_ids=position_ids(mask)[:, prompt_ids.shape[1] : -1] if padded else None,
+                    use_cache=True,
+                    **{cache_kwarg(model): cache},
+                )
+                logits = torch.cat([logits, rest.logits], dim=1)
+        else:
+            out = model(
+                input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                attention_mask=mask if padded else None,
+                position_ids=position_ids(mask) if padded else None,
+                use_cache=False,
+                logits_to_keep=num_completion + 1,
+            )
+            logits = out.logits[:, :-1]
+    logits = logits[..., :vocab_size].float() / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    hidden = None
+    if with_hidden and shared:
+        hidden = torch.cat([captured[0][row_of, -1:], *captured[1:]], dim=1)
+    elif with_hidden:
+        hidden = captured[-1][:, -(num_completion + 1) : -1]
+    return ForwardOutput(logprobs, entropy, hidden)
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(logprobs, entropy)`` of ``completion_forward``."""
+    out = completion_forward(
+        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, with_entropy, vocab_size
+    )
+    return out.logprobs, out.entropy
+
+
+def batch_forward(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+    with_hidden: bool = False,
+) -> ForwardOutput:
+    """``completion_forward`` of a rollout batch's completions (policy, reference, critic)."""
+    return completion_forward(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.completion_ids,
+        batch.completion_mask,
+        temperature,
+        with_entropy=with_entropy,
+        vocab_size=vocab_size,
+        with_hidden=with_hidden,
+    )
+
+
+def batch_logprobs(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(logprobs, entropy)`` of ``batch_forward``."""
+    out = batch_forward(model, batch, temperature, with_entropy, vocab_size)
+    return out.logprobs, out.entropy
