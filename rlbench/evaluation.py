@@ -1,6 +1,11 @@
-"""Greedy evaluation on a task's eval split: what ``eval/accuracy`` means everywhere."""
+"""Evaluation on a task's eval split: what ``eval/accuracy`` (greedy) and, with ``eval.samples``
+k > 1, ``eval/pass@k`` and ``eval/maj@k`` (k sampled completions per prompt) mean everywhere."""
 
 from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -85,3 +90,74 @@ def greedy_correct(
                 not bad and task.is_correct(p, t) for p, t, bad in zip(part, texts, invalid.tolist())
             )
     return correct
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021):
+    ``1 - C(n - c, k) / C(n, k)``, the chance that ``k`` of the samples drawn without
+    replacement hold a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(task: Task, prompt: Prompt, completions: list[str], invalid: list[bool]) -> bool:
+    """maj@k: whether the most frequent extracted answer (canonical form; ties go to the answer
+    reached first) is correct. Completions without an answer, or with a special token, do not vote."""
+    votes: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for text, bad in zip(completions, invalid, strict=True):
+        key = None if bad else task.answer_key(text)
+        if key is not None:
+            votes[key] += 1
+            first.setdefault(key, text)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(key for key in first if votes[key] == top)  # insertion order: reached first
+    return task.is_correct(prompt, first[winner])
+
+
+@dataclass
+class SampledEval:
+    """Sums over prompts (so shards add up): pass@k, maj@k hits and the fraction correct."""
+
+    pass_at_k: float = 0.0
+    maj_at_k: float = 0.0
+    pass_at_1: float = 0.0
+
+
+def sampled_eval(
+    model: nn.Module,
+    tokenizer: object,
+    task: Task,
+    prompts: list[Prompt],
+    backend: RolloutBackend,
+    params: SamplingParams,
+    k: int,
+    seeds: list[list[int]],
+    rows: int = 256,
+) -> SampledEval:
+    """``k`` sampled completions per prompt (``seeds[i]``: prompt ``i``'s ``k`` sampling seeds),
+    generated ``rows`` at a time."""
+    device = next(model.parameters()).device
+    out = SampledEval()
+    per_chunk = max(1, rows // k)
+    with inference_mode(model):
+        for start in range(0, len(prompts), per_chunk):
+            part = prompts[start : start + per_chunk]
+            texts_in = [p.text for p in part for _ in range(k)]  # prompt i's samples: rows i*k ..
+            ids, mask = encode_prompts(tokenizer, texts_in, device, task.config)
+            row_seeds = [s for i in range(start, start + len(part)) for s in seeds[i]]
+            rollout = backend.generate(model, ids, mask, row_seeds, params)
+            texts, invalid = read_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            flags = invalid.tolist()
+            for i, prompt in enumerate(part):
+                mine, bad = texts[i * k : (i + 1) * k], flags[i * k : (i + 1) * k]
+                correct = sum(not b and task.is_correct(prompt, t) for t, b in zip(mine, bad))
+                out.pass_at_k += pass_at_k(k, correct, k)
+                out.maj_at_k += majority_correct(task, prompt, mine, bad)
+                out.pass_at_1 += correct / k
+    return out

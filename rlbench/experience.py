@@ -19,6 +19,7 @@ import bisect
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -58,6 +59,22 @@ class ExperienceSource(Protocol):
         ...
 
 
+@dataclass
+class Cost:
+    """Sampling work: completions generated and their tokens (EOS included)."""
+
+    samples: int = 0
+    tokens: int = 0
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def metrics(self) -> dict[str, float]:
+        """This process's share, summed over processes (``metrics.SUMMED_OVER_PROCESSES``)."""
+        return {"perf/samples": float(self.samples), "perf/tokens_generated": float(self.tokens)}
+
+
 class RolloutCollector:
     """Samples, scores and selects the groups of one rollout step (this process's share)."""
 
@@ -90,6 +107,8 @@ class RolloutCollector:
         self.micro_batch_size = micro_batch_size
         #: Reward noise injected before the algorithm sees a reward (None or disabled: none).
         self.noise = noise
+        #: Completions and tokens sampled since the last ``take_cost`` (the run's cost axes).
+        self.cost = Cost()
 
     def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
         """Nothing to prepare: rollouts are sampled fresh every step."""
@@ -134,7 +153,13 @@ class RolloutCollector:
         else:
             batch = first.rows(slice(0, 0))
         metrics["train/kept_groups"] = len(batch) / G
+        metrics.update(self.take_cost().metrics())
         return batch, first, metrics
+
+    def take_cost(self) -> Cost:
+        """What was sampled since the last call (resampling rounds included), and a fresh count."""
+        cost, self.cost = self.cost, Cost()
+        return cost
 
     def sample(self, policy: nn.Module, prompts: PromptBatch) -> tuple[RolloutBatch, dict[str, float]]:
         """``G`` completions per prompt and their rewards; metrics describe this sample."""
@@ -158,6 +183,7 @@ class RolloutCollector:
             )
         generate_s = time.perf_counter() - started
         ids, mask = rollout.completion_ids, rollout.completion_mask
+        self.cost.add(len(texts), int(mask.sum()))
         completions, invalid = read_completions(self.tokenizer, ids, mask)
         clean = self.score(repeated, completions, device).masked_fill(invalid.to(device), 0.0)
         flipped = torch.zeros_like(clean, dtype=torch.bool)

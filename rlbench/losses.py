@@ -96,7 +96,8 @@ def clipped_policy_loss(
     ``batch.advantages`` are ``[B]`` or ``[B, T]``; pi_old is ``batch.old_logprobs``, or the
     detached current log-probs (a single pass: ratio 1, its gradient still flows). Returns the
     loss and the metrics every algorithm logs under the same names: ``loss``, ``clip_frac``,
-    ``ratio_min``, ``ratio_max`` and, with a KL term, ``kl``.
+    ``ratio_min``, ``ratio_max``, ``advantage_abs_mean`` (mean ``|A|`` over completion tokens)
+    and, with a KL term, ``kl``.
     """
     if batch.advantages is None:
         raise ValueError("the policy loss needs batch.advantages; call algorithm.prepare(batch) first")
@@ -105,10 +106,12 @@ def clipped_policy_loss(
     objective, clip_active = clipped_surrogate(logprobs, old, batch.advantages, eps_low, eps_high)
     ratio = torch.exp(logprobs.detach() - old.detach())
     ratio_min, ratio_max = masked_min_max(ratio, mask)
+    advantages = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(-1)
     metrics: dict[str, Tensor] = {
         "clip_frac": masked_mean(clip_active.to(mask.dtype), mask).detach(),
         "ratio_min": ratio_min,
         "ratio_max": ratio_max,
+        "advantage_abs_mean": masked_mean(advantages.abs().expand_as(mask), mask).detach(),
     }
     if beta > 0.0:
         if batch.ref_logprobs is None:

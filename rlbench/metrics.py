@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 #: Metrics besides losses that add up over processes (each process holds a share of the total).
-SUMMED_OVER_PROCESSES = frozenset({"perf/rollout_tokens_per_s", "train/kept_groups"})
+SUMMED_OVER_PROCESSES = frozenset(
+    {
+        "perf/rollout_tokens_per_s",
+        "train/kept_groups",
+        "perf/samples",
+        "perf/tokens_generated",
+        "perf/tokens_trained",
+    }
+)
 
 
 def is_loss(name: str) -> bool:

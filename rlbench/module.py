@@ -31,7 +31,7 @@ from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.collectives import Collectives
 from rlbench.config import RunConfig
 from rlbench.data import PromptSource
-from rlbench.evaluation import greedy_correct
+from rlbench.evaluation import greedy_correct, sampled_eval
 from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
 from rlbench.forward import ForwardOutput, batch_forward
 from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
@@ -47,7 +47,9 @@ from rlbench.policy import (
 )
 from rlbench.reference import FrozenReference
 from rlbench.registry import ALGORITHMS, TASKS
-from rlbench.rollout import BACKENDS, SamplingParams
+from rlbench.rollout import BACKENDS, SamplingParams, derive_seed
+
+_EVAL_SAMPLES = 0x65766B  # seeds of eval sampling (pass@k), apart from training draws
 
 __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
@@ -323,6 +325,8 @@ class RLModule(pl.LightningModule):
             tokens = self.dist.sum(float(batch.completion_mask.sum()))
             out["train/entropy"] = self.dist.sum(entropy_sum) / max(tokens, 1.0)
         out["train/lr"] = scheduler.get_last_lr()[0]
+        # completion tokens through forward and backward, every pass (a cost axis)
+        out["perf/tokens_trained"] = float(batch.completion_mask.sum()) * algorithm.passes_per_batch
         return out, float(batch.completion_mask.sum())
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
@@ -452,6 +456,33 @@ class RLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
+    def sampled_eval(self, step: int) -> dict[str, float]:
+        """``eval/pass@k``, ``eval/maj@k`` and the sampled ``eval/pass@1`` from k completions
+        per eval prompt at the rollout temperature (seeded by step and prompt)."""
+        k, rank, world = self.config.eval.samples, self.global_rank, self.dist.world_size
+        rollout = self.config.rollout
+        params = SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
+        indices = range(rank, len(self.eval_prompts), world)
+        seeds = [
+            [derive_seed(self.config.seed, _EVAL_SAMPLES, step, i, j) for j in range(k)] for i in indices
+        ]
+        sums = sampled_eval(
+            self.policy,
+            self.tokenizer,
+            self.task,
+            self.eval_prompts[rank::world],
+            self.backend,
+            params,
+            k,
+            seeds,
+        )
+        n = len(self.eval_prompts)
+        return {
+            "eval/pass@k": self.dist.sum(sums.pass_at_k) / n,
+            "eval/maj@k": self.dist.sum(sums.maj_at_k) / n,
+            "eval/pass@1": self.dist.sum(sums.pass_at_1) / n,
+        }
+
     def evaluate(self) -> float:
         """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the rollout step.
 
@@ -472,7 +503,10 @@ class RLModule(pl.LightningModule):
         step = self.rollout_step
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))
-        self.log_metrics({"eval/accuracy": accuracy}, step=step)
+        metrics = {"eval/accuracy": accuracy}
+        if self.config.eval.samples > 1:
+            metrics.update(self.sampled_eval(step))
+        self.log_metrics(metrics, step=step)
         self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
         pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
         return accuracy

@@ -16,8 +16,11 @@ saved under ``output_dir/pairs/``, so a resumed run reads the very pairs it trai
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,15 @@ from rlbench.config import RunConfig, config_hash
 from rlbench.data import PromptSource
 from rlbench.errors import RLBenchError
 from rlbench.evaluation import read_completions
-from rlbench.experience import Gather, RolloutCollector, micro_batches
+from rlbench.experience import Cost, Gather, RolloutCollector, micro_batches
 from rlbench.pairs import PreferencePair, build_pairs, check_pairs, read_pairs, write_pairs
 from rlbench.prompting import encode_prompts
 from rlbench.rollout import derive_seed
 
 PAIRS_FILE = "pairs.jsonl"
+#: What sampling the cached pairs cost (completions, tokens): a run that reads them from the
+#: cache still counts it, so DPO's cost axes do not depend on who built the cache.
+COST_FILE = "cost.json"
 _ORDER, _REFRESH = 21, 22  # seed salts: the pairs' order per epoch, refreshed pair sets
 
 #: Per-token log-probs of a batch under the reference, ``[B, T]``.
@@ -53,6 +59,7 @@ def pairs_cache_dir(config: RunConfig, model_path: str, options: Any) -> Path:
         {"pairs_file": pairs_file, **{name: getattr(options, name) for name in fields}},
         config.rollout.max_new_tokens,
         config.rollout.temperature,
+        config.reward_noise,  # noisy labels make other pairs
     )
     return Path(config.warmstart.cache_dir) / "pairs" / f"{config.task.name}-{key}"
 
@@ -79,6 +86,9 @@ class PairSource:
         self.reference = reference
         self.pairs: list[PreferencePair] = []
         self.pairs_from = 0  # the step the current pair set was built at (0, or a refresh)
+        #: Sampling done for pairs and not yet reported in a step's ``perf/samples``.
+        self.cost = Cost()
+        self.rank = 0
         pairs_file = self.options.pairs_file
         # a bad file or setting fails now, before the run writes anything
         self.user_pairs = check_pairs(read_pairs(Path(pairs_file)), pairs_file) if pairs_file else None
@@ -105,9 +115,15 @@ class PairSource:
         def build(tmp: Path) -> None:
             pairs = self.user_pairs or self.sample_pairs(policy, self.options.pairs_seed)
             write_pairs(tmp / PAIRS_FILE, self.with_reference_logprobs(pairs, policy))
+            (tmp / COST_FILE).write_text(json.dumps(dataclasses.asdict(self.cost)))
 
+        self.rank = rank
         build_once(self.cache, build, complete=lambda d: (d / PAIRS_FILE).is_file())
         self.pairs = read_pairs(self.cache / PAIRS_FILE)
+        self.cost = Cost()
+        cost_file = self.cache / COST_FILE
+        if step == 0 and rank == 0 and cost_file.is_file():  # counted once, by one process
+            self.cost = Cost(**json.loads(cost_file.read_text()))
         self.pairs_from = 0
         # the refresh of step r happens as step r starts: a run resumed at step k (k steps done)
         # last refreshed at the largest multiple of refresh_every below k
@@ -144,11 +160,16 @@ class PairSource:
         )
         prompts = source.batch(0)
         batch, _ = sampler.sample(policy, prompts)
+        drawn = sampler.take_cost()
+        if self.rank == 0:  # every process samples the same pairs; one pays for them
+            self.cost.add(drawn.samples, drawn.tokens)
         texts, _ = read_completions(self.tokenizer, batch.completion_ids, batch.completion_mask)
         rewards = batch.rewards.view(-1, k).tolist()
+        assert batch.clean_rewards is not None
+        clean = batch.clean_rewards.view(-1, k).tolist()
         completions = [texts[i * k : (i + 1) * k] for i in range(len(prompts.prompts))]
         pairs = build_pairs(
-            [p.text for p in prompts.prompts], completions, rewards, seed, opts.pairs_per_prompt
+            [p.text for p in prompts.prompts], completions, rewards, seed, opts.pairs_per_prompt, clean
         )
         if not pairs:
             raise RLBenchError(
@@ -168,17 +189,7 @@ class PairSource:
             batch = self.encode(chunk, device)
             sums = (self.reference(batch) * batch.completion_mask).sum(-1).tolist()
             for i, pair in enumerate(chunk):
-                out.append(
-                    PreferencePair(
-                        pair.prompt,
-                        pair.chosen,
-                        pair.rejected,
-                        pair.chosen_reward,
-                        pair.rejected_reward,
-                        ref_chosen_logp=sums[2 * i],
-                        ref_rejected_logp=sums[2 * i + 1],
-                    )
-                )
+                out.append(replace(pair, ref_chosen_logp=sums[2 * i], ref_rejected_logp=sums[2 * i + 1]))
         return out
 
     # ------------------------------------------------------------------ batches
@@ -195,7 +206,12 @@ class PairSource:
         chosen = [self.pair_at(i) for i in range(start, start + share)]
         device = next(policy.parameters()).device
         batch = self.encode(chosen, device)
-        return batch, batch, {"train/num_pairs": float(len(self.pairs))}
+        metrics = {"train/num_pairs": float(len(self.pairs)), **self.cost.metrics()}
+        self.cost = Cost()
+        labels = [pair.mislabelled for pair in self.pairs if pair.mislabelled is not None]
+        if labels:  # pairs built from the verifier: how many reward noise mislabelled
+            metrics["train/pair_noise_rate"] = sum(labels) / len(labels)
+        return batch, batch, metrics
 
     def refresh(self, policy: nn.Module, step: int, rank: int) -> None:
         """Online DPO: new pairs sampled from the current policy, scored by the reference."""

@@ -46,10 +46,29 @@ class PreferencePair:
     """The reference's log-prob of ``chosen`` given ``prompt``, summed over its tokens."""
     ref_rejected_logp: float | None = None
     """The reference's log-prob of ``rejected`` given ``prompt``, summed over its tokens."""
+    chosen_clean_reward: float | None = None
+    """The verifier's reward of ``chosen`` before reward noise (``reward_noise``)."""
+    rejected_clean_reward: float | None = None
+    """The verifier's reward of ``rejected`` before reward noise."""
+
+    @property
+    def mislabelled(self) -> bool | None:
+        """Whether noise made this pair prefer a completion the clean verifier does not rank
+        higher (None: the clean rewards are unknown)."""
+        if self.chosen_clean_reward is None or self.rejected_clean_reward is None:
+            return None
+        return not self.chosen_clean_reward > self.rejected_clean_reward
 
 
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
-_NUMBER_FIELDS = ("chosen_reward", "rejected_reward", "ref_chosen_logp", "ref_rejected_logp")
+_NUMBER_FIELDS = (
+    "chosen_reward",
+    "rejected_reward",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+    "chosen_clean_reward",
+    "rejected_clean_reward",
+)
 _FIELDS = tuple(f.name for f in fields(PreferencePair))
 
 
@@ -59,6 +78,7 @@ def build_pairs(
     rewards: list[list[float]],
     seed: int,
     pairs_per_prompt: int = 1,
+    clean_rewards: list[list[float]] | None = None,
 ) -> list[PreferencePair]:
     """Pairs from ``k`` scored completions per prompt: a maximal-reward one over a minimal one.
 
@@ -66,6 +86,8 @@ def build_pairs(
     prompt yields pairs only when its maximal reward is strictly greater than its minimal one;
     up to ``pairs_per_prompt`` distinct ``(chosen, rejected)`` texts are drawn from the
     maximal-reward completions crossed with the minimal-reward ones, never with equal texts.
+    ``clean_rewards`` (same shape as ``rewards``), when the rewards carry injected noise, are
+    the verifier's own, recorded in each pair so its label noise can be measured.
     Every pair therefore has ``chosen_reward > rejected_reward``. The draw for prompt ``i``
     depends only on ``(seed, i)`` and that prompt's inputs, so the result is deterministic.
     """
@@ -95,8 +117,19 @@ def build_pairs(
         candidates = [(w, lo) for w in winners for lo in losers if w != lo]
         # A string seed is hashed with SHA-512, so the stream is stable across processes.
         rng = random.Random(f"rlbench.pairs:{seed}:{index}")
+        clean = dict(zip(texts, clean_rewards[index])) if clean_rewards is not None else {}
         for chosen, rejected in rng.sample(candidates, min(pairs_per_prompt, len(candidates))):
-            pairs.append(PreferencePair(prompt, chosen, rejected, chosen_reward=best, rejected_reward=worst))
+            pairs.append(
+                PreferencePair(
+                    prompt,
+                    chosen,
+                    rejected,
+                    chosen_reward=best,
+                    rejected_reward=worst,
+                    chosen_clean_reward=clean.get(chosen),
+                    rejected_clean_reward=clean.get(rejected),
+                )
+            )
     return pairs
 
 

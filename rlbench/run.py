@@ -197,6 +197,7 @@ def _train(
 
     from rlbench.checkpoints import RolloutStepCheckpoint
     from rlbench.data import StepTicks
+    from rlbench.diagnostics import CostMeter, EntropyCollapse, diagnostics_callbacks
     from rlbench.module import RLModule
     from rlbench.registry import TASKS
     from rlbench.tracking import (
@@ -226,6 +227,8 @@ def _train(
     loggers = build_loggers(config, resume)  # builds objects only: nothing is written yet
     max_steps = config.trainer.max_steps
     checkpoints = RolloutStepCheckpoint(out / CHECKPOINT_DIR, config.trainer.checkpoint_every, max_steps)
+    # before the checkpoint callback: a checkpoint holds the diagnostics of its own step
+    diagnostics = diagnostics_callbacks(config)
     try:
         trainer = pl.Trainer(
             # the module stops at max_steps rollout steps; Lightning counts optimiser steps, at
@@ -237,7 +240,7 @@ def _train(
             strategy=config.trainer.strategy,
             precision=config.trainer.precision,
             logger=loggers,
-            callbacks=[checkpoints, *callbacks],
+            callbacks=[*diagnostics, checkpoints, *callbacks],
             enable_checkpointing=False,  # RolloutStepCheckpoint saves, on the rollout-step clock
             plugins=[atomic_checkpoint_io()],
             log_every_n_steps=1,
@@ -268,6 +271,8 @@ def _train(
             watchdog.on_forced_stop(lambda: mark_mlflow_runs(loggers, "KILLED"))
     trainer.fit(module, train_dataloaders=StepTicks(), ckpt_path=str(checkpoint) if checkpoint else None)
     history = module.eval_history
+    collapse = next(c for c in diagnostics if isinstance(c, EntropyCollapse))
+    cost = next(c for c in diagnostics if isinstance(c, CostMeter))
     summary = {
         "output_dir": str(out),
         "algorithm": config.algorithm.name,
@@ -277,6 +282,8 @@ def _train(
         "accuracy_before": history[0][1] if history else None,
         "accuracy_after": history[-1][1] if history else None,
         "eval_history": history,
+        "collapse_step": collapse.collapse_step,
+        "cost": {**cost.totals, "cost/wall_s": cost.wall_s()},
         "wall_s": time.perf_counter() - started,
         "model_path": model_path,
         "mlflow_tracking_uri": mlflow_tracking_uri(config) if config.logging.mlflow else None,

@@ -16,6 +16,7 @@ from rlbench.estimators import (
     kl_k2,
     kl_k3,
     leave_one_out_advantages,
+    process_advantages,
 )
 
 # THEORY section 1 worked example: mean 0.625, population std 0.26810, sample std 0.30957.
@@ -66,6 +67,31 @@ def test_leave_one_out_advantages_hand_example() -> None:
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="group_size >= 2"):
         leave_one_out_advantages(torch.tensor([[1.0]]))
+
+
+def test_process_advantages_hand_example() -> None:
+    """THEORY section 5: step rewards normalised over the group, each token's advantage the sum
+    of the normalised rewards of the steps ending at or after it."""
+    # Group of G = 2 completions, 5 tokens each. Completion 0: steps end at tokens 1 (reward 1)
+    # and 3 (reward 0); completion 1: at tokens 2 (reward 0) and 3 (reward 1).
+    # R = [1, 0, 0, 1]: mean 0.5, population std 0.5, so r~ = [1, -1, -1, 1].
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    ends = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    got = process_advantages(rewards, ends, group_size=2, std="population", eps=0.0)
+    # completion 0: tokens 0-1 see both steps (1 - 1 = 0), tokens 2-3 the second (-1), token 4 none
+    # completion 1: tokens 0-2 see both (-1 + 1 = 0), token 3 the second (+1), token 4 none
+    expected = torch.tensor([[0.0, 0.0, -1.0, -1.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    # sample std: sqrt(1/3) -> r~ = +-0.5 / 0.57735 = +-0.86603
+    sample = process_advantages(rewards, ends, group_size=2, std="sample", eps=0.0)
+    torch.testing.assert_close(sample, expected * 0.5 / math.sqrt(1 / 3))
+    # Dr. GRPO style (no std): centred rewards +-0.5
+    torch.testing.assert_close(process_advantages(rewards, ends, 2, scale_by_std=False), expected * 0.5)
+    # two groups are normalised separately; a group whose step rewards are all equal gets 0
+    # (eps keeps 0 / 0 away)
+    both = process_advantages(torch.cat([rewards, ends]), torch.cat([ends, ends]), 2, std="population")
+    torch.testing.assert_close(both[:2], expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(both[2:], torch.zeros(2, 5, dtype=torch.float64))
 
 
 # Two categorical distributions: q = policy (sampled from), p = reference.
