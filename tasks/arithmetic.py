@@ -4,23 +4,23 @@ Each problem is a tuple of operands joined by operators drawn uniformly from ``o
 (one per gap). The expression is evaluated with normal precedence (``*`` before ``+``/``-``),
 so ``2+3*4=`` is ``14``; with ``-`` answers may be negative (``3-15=`` is ``-12``).
 
-Splits: the eval split is a fixed set of exactly ``eval_size`` distinct problems, the first
-ones drawn by ``random.Random(split_seed)`` from the whole problem space; the train split is
-every other problem. Train and eval therefore never share a problem, and the eval set depends
-only on the config (growing ``eval_size`` extends it, keeping the earlier problems). So that
-train keeps most of the space, ``eval_size`` may be at most half the number of distinct
-problems: a small space (1-digit addition has 100 problems) is a config error, not a
-silently tiny or overlapping split.
+Splits (``rlbench.splits``): the eval split is a fixed set of exactly ``eval_size`` distinct
+problems, the first ones drawn by ``random.Random(split_seed)`` from the whole problem space;
+the train split is every other problem. Train and eval therefore never share a problem, and
+the eval set depends only on the config (growing ``eval_size`` extends it, keeping the earlier
+problems). So that train keeps most of the space, ``eval_size`` may be at most half the number
+of distinct problems: a small space (1-digit addition has 100 problems) is a config error, not
+a silently tiny or overlapping split.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import cached_property
 
 from rlbench.errors import require
 from rlbench.registry import TASKS
+from rlbench.splits import DrawnSplits
 from rlbench.task import Prompt, Split, Task, TaskOptions
 
 OPERATORS = ("+", "-", "*")
@@ -121,6 +121,7 @@ class Arithmetic(Task):
         self._ranges = [
             (low, high - low + 1) for low, high in map(config.operand_range, range(config.operands))
         ]
+        self.splits = DrawnSplits(self._draw, config.eval_size, config.split_seed)
 
     def _draw(self, rng: random.Random) -> Problem:
         uniform, ops = rng.random, self.config.operators
@@ -128,24 +129,9 @@ class Arithmetic(Task):
         operators = tuple(ops[int(uniform() * len(ops))] for _ in range(self.config.operands - 1))
         return operands, operators
 
-    @cached_property
-    def eval_problems(self) -> list[Problem]:
-        """The eval split in draw order: the first ``eval_size`` distinct draws of ``split_seed``."""
-        rng, seen, ordered = random.Random(self.config.split_seed), set(), []
-        while len(ordered) < self.config.eval_size:
-            problem = self._draw(rng)
-            if problem not in seen:
-                seen.add(problem)
-                ordered.append(problem)
-        return ordered
-
-    @cached_property
-    def _eval_set(self) -> frozenset[Problem]:
-        return frozenset(self.eval_problems)
-
     def is_eval(self, problem: Problem) -> bool:
         """Whether ``problem`` belongs to the eval split (every other problem is train)."""
-        return problem in self._eval_set
+        return self.splits.is_eval(problem)
 
     @staticmethod
     def to_prompt(problem: Problem) -> Prompt:
@@ -153,33 +139,13 @@ class Arithmetic(Task):
         text = str(operands[0]) + "".join(op + str(x) for op, x in zip(operators, operands[1:], strict=True))
         return Prompt(text=text + "=", answer=str(evaluate(operands, operators)))
 
-    def train_problems(self, n: int, seed: int) -> list[Problem]:
-        """``n`` train problems drawn with replacement by ``random.Random(seed)``, eval ones rejected."""
-        rng, eval_set, problems = random.Random(seed), self._eval_set, []
-        while len(problems) < n:
-            problem = self._draw(rng)
-            if problem not in eval_set:
-                problems.append(problem)
-        return problems
-
     def prompts(self, split: Split, n: int, seed: int) -> list[Prompt]:
         """Train: a seeded stream with replacement. Eval: ``n`` distinct problems of the fixed split.
 
         Eval prompts are a ``random.Random(seed)`` sample of the eval split, so they are fixed
         for a given config, ``n`` and ``seed``; asking for more than ``eval_size`` raises.
         """
-        if split == "train":
-            problems = self.train_problems(n, seed)
-        elif split == "eval":
-            if n > self.config.eval_size:
-                raise ValueError(
-                    f"asked for {n} eval prompts but the eval split has task.eval_size="
-                    f"{self.config.eval_size} problems; raise eval_size or ask for fewer"
-                )
-            problems = random.Random(seed).sample(self.eval_problems, n)
-        else:
-            raise ValueError(f"unknown split {split!r}; valid splits: 'train', 'eval'")
-        return [self.to_prompt(p) for p in problems]
+        return self.splits.prompts(split, n, seed, self.to_prompt)
 
     def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
         return [(p.text, p.answer) for p in self.prompts("train", n, seed)]

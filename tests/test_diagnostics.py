@@ -95,7 +95,8 @@ def test_spike_counter_and_loss_std_over_a_trailing_window():
 def test_cost_meter_accumulates_per_step_counts_and_wall_time_across_a_resume():
     meter, module = CostMeter(), FakeModule()
     meter.on_train_start(None, module)
-    module.step([meter], **{"perf/samples": 64.0, "perf/tokens_generated": 300.0, "perf/tokens_trained": 600.0})
+    first = {"perf/samples": 64.0, "perf/tokens_generated": 300.0, "perf/tokens_trained": 600.0}
+    module.step([meter], **first)
     logged = module.step([meter], **{"perf/samples": 64.0, "perf/tokens_generated": 200.0})
     assert logged["cost/samples"] == 128.0 and logged["cost/tokens_generated"] == 500.0
     assert logged["cost/tokens_trained"] == 600.0 and logged["cost/wall_s"] >= 0.0
