@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rlbench.collectives import Collectives
 from rlbench.policy import inference_mode
 from rlbench.prompting import encode_prompts
-from rlbench.rollout import RolloutBackend, SamplingParams
+from rlbench.rollout import RolloutBackend, SamplingParams, derive_seed
 from rlbench.task import Prompt, Task
 
 
@@ -161,3 +162,49 @@ def sampled_eval(
                 out.maj_at_k += majority_correct(task, prompt, mine, bad)
                 out.pass_at_1 += correct / k
     return out
+
+
+_EVAL_SAMPLES = 0x65766B  # seeds of eval sampling (pass@k), apart from every training draw
+
+
+class Evaluator:
+    """A policy's scores on the task's eval split: greedy ``eval/accuracy`` and, with
+    ``eval.samples`` k > 1, ``eval/pass@k``, ``eval/maj@k`` and the sampled ``eval/pass@1``.
+
+    Each process scores its share of the prompts (``prompts[rank::world]``); the sums add up
+    over processes (``dist.sum``), so every process returns the global figures.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer: object,
+        backend: RolloutBackend,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        samples: int,
+        seed: int,
+        dist: Collectives,
+    ) -> None:
+        self.task, self.tokenizer, self.backend, self.prompts = task, tokenizer, backend, prompts
+        self.params, self.samples, self.seed, self.dist = params, samples, seed, dist
+
+    def metrics(self, model: nn.Module, step: int, rank: int) -> dict[str, float]:
+        """The ``eval/*`` metrics of ``model`` at rollout step ``step`` (which seeds the samples)."""
+        world, n = self.dist.world_size, len(self.prompts)
+        mine = self.prompts[rank::world]
+        correct = greedy_correct(
+            model, self.tokenizer, self.task, mine, self.backend, self.params.max_new_tokens
+        )
+        out = {"eval/accuracy": self.dist.sum(correct) / n}
+        k = self.samples
+        if k > 1:
+            seeds = [
+                [derive_seed(self.seed, _EVAL_SAMPLES, step, i, j) for j in range(k)]
+                for i in range(rank, n, world)
+            ]
+            sums = sampled_eval(model, self.tokenizer, self.task, mine, self.backend, self.params, k, seeds)
+            out["eval/pass@k"] = self.dist.sum(sums.pass_at_k) / n
+            out["eval/maj@k"] = self.dist.sum(sums.maj_at_k) / n
+            out["eval/pass@1"] = self.dist.sum(sums.pass_at_1) / n
+        return out

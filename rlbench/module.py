@@ -31,7 +31,7 @@ from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.collectives import Collectives
 from rlbench.config import RunConfig
 from rlbench.data import PromptSource
-from rlbench.evaluation import greedy_correct, sampled_eval
+from rlbench.evaluation import Evaluator
 from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
 from rlbench.forward import ForwardOutput, batch_forward
 from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
@@ -47,9 +47,7 @@ from rlbench.policy import (
 )
 from rlbench.reference import FrozenReference
 from rlbench.registry import ALGORITHMS, TASKS
-from rlbench.rollout import BACKENDS, SamplingParams, derive_seed
-
-_EVAL_SAMPLES = 0x65766B  # seeds of eval sampling (pass@k), apart from training draws
+from rlbench.rollout import BACKENDS, SamplingParams
 
 __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
@@ -109,7 +107,16 @@ class RLModule(pl.LightningModule):
             if self.algorithm.experience == "rollouts"
             else PairSource(config, self.algorithm, self.rollouts, model_path, self.reference_scorer)
         )
-        self.eval_prompts = self.rollouts.source.eval_prompts(config.eval.num_prompts)
+        self.evaluator = Evaluator(
+            self.task,
+            self.tokenizer,
+            self.backend,
+            self.rollouts.source.eval_prompts(config.eval.num_prompts),
+            self.rollouts.sampling,
+            config.eval.samples,
+            config.seed,
+            self.dist,
+        )
         self.automatic_optimization = False
         #: ``(rollout step, accuracy)`` of every evaluation of this process's run.
         self.eval_history: list[tuple[int, float]] = []
@@ -456,56 +463,18 @@ class RLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def sampled_eval(self, step: int) -> dict[str, float]:
-        """``eval/pass@k``, ``eval/maj@k`` and the sampled ``eval/pass@1`` from k completions
-        per eval prompt at the rollout temperature (seeded by step and prompt)."""
-        k, rank, world = self.config.eval.samples, self.global_rank, self.dist.world_size
-        rollout = self.config.rollout
-        params = SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
-        indices = range(rank, len(self.eval_prompts), world)
-        seeds = [
-            [derive_seed(self.config.seed, _EVAL_SAMPLES, step, i, j) for j in range(k)] for i in indices
-        ]
-        sums = sampled_eval(
-            self.policy,
-            self.tokenizer,
-            self.task,
-            self.eval_prompts[rank::world],
-            self.backend,
-            params,
-            k,
-            seeds,
-        )
-        n = len(self.eval_prompts)
-        return {
-            "eval/pass@k": self.dist.sum(sums.pass_at_k) / n,
-            "eval/maj@k": self.dist.sum(sums.maj_at_k) / n,
-            "eval/pass@1": self.dist.sum(sums.pass_at_1) / n,
-        }
-
     def evaluate(self) -> float:
-        """Greedy accuracy on the eval split, logged as ``eval/accuracy`` at the rollout step.
+        """Greedy accuracy on the eval split (and pass@k, maj@k with ``eval.samples`` > 1),
+        logged as ``eval/*`` at the rollout step.
 
         Every metric is logged at the rollout step (steps taken so far), so training and eval
         curves share one axis whatever ``mu`` is and however many updates were skipped.
         """
-        # each process scores its share of the eval prompts; the counts add up
-        rank, world = self.global_rank, self.dist.world_size
-        correct = greedy_correct(
-            self.policy,
-            self.tokenizer,
-            self.task,
-            self.eval_prompts[rank::world],
-            self.backend,
-            self.config.rollout.max_new_tokens,
-        )
-        accuracy = self.dist.sum(correct) / len(self.eval_prompts)
         step = self.rollout_step
+        metrics = self.evaluator.metrics(self.policy, step, self.global_rank)
+        accuracy = metrics["eval/accuracy"]
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))
-        metrics = {"eval/accuracy": accuracy}
-        if self.config.eval.samples > 1:
-            metrics.update(self.sampled_eval(step))
         self.log_metrics(metrics, step=step)
         self.log("acc", accuracy, prog_bar=True, logger=False, on_step=True)
         pl.utilities.rank_zero_info(f"step {step}: eval accuracy {accuracy:.3f}")
