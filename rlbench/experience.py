@@ -34,7 +34,7 @@ from rlbench.noise import add_noise
 from rlbench.policy import inference_mode
 from rlbench.prompting import encode_prompts
 from rlbench.rollout import RolloutBackend, SamplingParams, concat_rollouts
-from rlbench.task import Task
+from rlbench.task import STEPS_NOT_WRITTEN, Task
 
 #: ``gather(t)``: the ``[n]`` tensors of every process stacked in rank order, ``[world * n]``.
 Gather = Callable[[Tensor], Tensor]
@@ -192,7 +192,9 @@ class RolloutCollector:
             rewards, flipped = add_noise(clean, seeds, self.noise)
         step_rewards = step_ends = None
         if self.algorithm.needs_step_rewards:
-            step_rewards, step_ends = self.steps(repeated, completions, ids, mask, invalid)
+            step_rewards, step_ends = step_tensors(
+                self.task, self.tokenizer, repeated, completions, ids, mask, invalid
+            )
         grouped = rewards.view(-1, G)
         lengths = mask.sum(-1)
         distinct = [len(set(completions[i : i + G])) / G for i in range(0, len(completions), G)]
@@ -226,25 +228,6 @@ class RolloutCollector:
         )
         return batch, metrics
 
-    def steps(
-        self, prompts: list[Any], completions: list[str], ids: Tensor, mask: Tensor, invalid: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``(step_rewards, step_ends)``, ``[B, T]``: each step's reward from the task's
-        ``step_rewards``, placed at the completion token where the step's text ends. A
-        completion with a special token before its EOS has no steps (it scores 0)."""
-        rewards = torch.zeros(ids.shape, dtype=torch.float32)
-        ends = torch.zeros(ids.shape, dtype=torch.float32)
-        lengths = mask.sum(-1).long().tolist()
-        for i, (prompt, text) in enumerate(zip(prompts, completions, strict=True)):
-            if bool(invalid[i]) or lengths[i] == 0:
-                continue
-            offsets = token_end_offsets(self.tokenizer, ids[i, : lengths[i]].tolist())
-            for end, reward in self.task.step_rewards(prompt, text):
-                # the first token whose text reaches the step's last character
-                t = min(bisect.bisect_left(offsets, end), lengths[i] - 1)
-                rewards[i, t], ends[i, t] = float(reward), 1.0
-        return rewards.to(ids.device), ends.to(ids.device)
-
     def score(self, prompts: list[Any], completions: list[str], device: torch.device) -> Tensor:
         """The task's rewards as a ``[B]`` float tensor; a malformed answer is a ``RewardError``."""
         rewards = self.task.rewards(prompts, completions)
@@ -264,6 +247,39 @@ class RolloutCollector:
                 f"task {name!r}: rewards() returned a non-number {bad[0]!r}; rewards must be floats"
             )
         return torch.tensor(rewards, dtype=torch.float32, device=device)
+
+
+def step_tensors(
+    task: Task,
+    tokenizer: Any,
+    prompts: list[Any],
+    completions: list[str],
+    ids: Tensor,
+    mask: Tensor,
+    invalid: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(step_rewards, step_ends)``, ``[B, T]``: each step's reward from the task's
+    ``step_rewards``, placed at the completion token where the step's text ends. A completion
+    with a special token before its EOS has no steps (it scores 0)."""
+    rewards = torch.zeros(ids.shape, dtype=torch.float32)
+    ends = torch.zeros(ids.shape, dtype=torch.float32)
+    lengths = mask.sum(-1).long().tolist()
+    for i, (prompt, text) in enumerate(zip(prompts, completions, strict=True)):
+        if bool(invalid[i]) or lengths[i] == 0:
+            continue
+        offsets = token_end_offsets(tokenizer, ids[i, : lengths[i]].tolist())
+        last = lengths[i] - 1
+        for end, reward in task.step_rewards(prompt, text):
+            # the first token whose text reaches the step's last character; steps never
+            # written go on the final token (EOS), unless a written step already ends there
+            if end == STEPS_NOT_WRITTEN:
+                if ends[i, last] > 0:
+                    continue
+                t = last
+            else:
+                t = min(bisect.bisect_left(offsets, end), last)
+            rewards[i, t], ends[i, t] = float(reward), 1.0
+    return rewards.to(ids.device), ends.to(ids.device)
 
 
 def token_end_offsets(tokenizer: Any, ids: list[int]) -> list[int]:

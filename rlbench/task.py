@@ -20,6 +20,10 @@ from rlbench.errors import require
 
 Split = Literal["train", "eval"]
 
+#: A step's ``end`` in ``Task.step_rewards`` for steps the completion never wrote: the reward
+#: is placed on the completion's last token (its EOS), after every written step.
+STEPS_NOT_WRITTEN = -1
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -136,7 +140,9 @@ class Task(abc.ABC):
     def step_rewards(self, prompt: Prompt, completion: str) -> list[tuple[int, float]]:
         """Process supervision (tasks with ``has_steps``): ``(end, reward)`` per reasoning step
         of the completion, ``end`` the character offset in ``completion`` just past the step's
-        last character, in increasing order. Tasks without steps raise."""
+        last character, in increasing order; a last entry may have ``end =
+        STEPS_NOT_WRITTEN``: the reward of steps the completion stopped before (placed on its
+        final token). Tasks without steps raise."""
         raise NotImplementedError(f"{type(self).__name__} has no step rewards (has_steps is false)")
 
     @abc.abstractmethod

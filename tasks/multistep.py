@@ -19,7 +19,10 @@ Rewards:
   compute:``) earns 0 and is not counted as a step, so a chatty preamble does not shift the
   steps after it. Step-shaped lines beyond the expected number of steps earn 0: they add
   nothing to the answer, and crediting them would let a policy farm process reward by
-  repeating steps. Blank lines get no entry.
+  repeating steps. Blank lines get no entry. A completion that stops before the last expected
+  step gets one more entry of reward 0 at its end (``end = MISSING``, placed on its EOS token):
+  otherwise stopping after a right first step would collect only positive step rewards, and
+  a policy learns to stop early.
 
 Splits are those of ``tasks.arithmetic`` (``rlbench.splits``): the eval split is the first
 ``eval_size`` distinct problems drawn by ``random.Random(split_seed)``, the train split every
@@ -38,9 +41,10 @@ from rlbench.answers import NUMBER, parse_number
 from rlbench.errors import RLBenchError, require
 from rlbench.registry import TASKS
 from rlbench.splits import DrawnSplits
-from rlbench.task import Prompt, Split, Task, TaskOptions
+from rlbench.task import STEPS_NOT_WRITTEN, Prompt, Split, Task, TaskOptions
 
 OPERATORS = ("+", "-", "*")
+MISSING = STEPS_NOT_WRITTEN
 # A problem: (operands, operators between them).
 Problem = tuple[tuple[int, ...], tuple[str, ...]]
 
@@ -224,6 +228,8 @@ class MultiStep(Task):
                 continue
             rewards.append((end, 1.0 if j < len(expected) and step == expected[j] else 0.0))
             j += 1
+        if j < len(expected):  # steps never written: one step of reward 0 at the end
+            rewards.append((MISSING, 0.0))
         return rewards
 
     def reward(self, prompt: Prompt, completion: str) -> float:

@@ -8,7 +8,7 @@ import pytest
 
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.registry import TASKS
-from rlbench.task import Prompt
+from rlbench.task import STEPS_NOT_WRITTEN, Prompt
 from tasks.multistep import MultiStep, MultiStepConfig, Step, chain_steps, completion_lines, parse_step
 
 
@@ -112,9 +112,13 @@ def test_step_reward_offsets_on_hand_written_completions() -> None:
     assert task.step_rewards(PROMPT, chatty) == [(9, 0.0), (17, 1.0), (25, 1.0), (33, 0.0), (40, 0.0)]
     # Repeating a right step cannot farm reward: the repeat is compared with the next step.
     assert task.step_rewards(PROMPT, "12+5=17\n12+5=17\n12+5=17") == [(7, 1.0), (15, 0.0), (23, 0.0)]
-    # Operands swapped is not the expected step.
-    assert task.step_rewards(PROMPT, "5+12=17") == [(7, 0.0)]
-    assert task.step_rewards(PROMPT, "") == [] and task.step_rewards(PROMPT, "\n \n") == []
+    # Operands swapped is not the expected step; the step never written scores 0 at the end.
+    assert task.step_rewards(PROMPT, "5+12=17") == [(7, 0.0), (STEPS_NOT_WRITTEN, 0.0)]
+    # Stopping after a right first step: the missing second step is a step of reward 0, so a
+    # policy cannot collect only positive step rewards by stopping early.
+    assert task.step_rewards(PROMPT, "12+5=17") == [(7, 1.0), (STEPS_NOT_WRITTEN, 0.0)]
+    assert task.step_rewards(PROMPT, "") == [(STEPS_NOT_WRITTEN, 0.0)]
+    assert task.step_rewards(PROMPT, "\n \n") == [(STEPS_NOT_WRITTEN, 0.0)]
     # A prompt built without data (a hand-written one) gets its steps from its text.
     assert task.step_rewards(Prompt("12+5-3=", "14"), "12+5=17\n17-3=15") == [(7, 1.0), (15, 0.0)]
     with pytest.raises(RLBenchError, match="carries no expected steps"):
@@ -199,3 +203,28 @@ def test_registry_and_metadata() -> None:
     docs = field_docs(MultiStepConfig)
     assert all(docs.get(name) for name in ("operands", "digits", "operators", "eval_size", "split_seed"))
     assert "left to right" in docs["operators"]
+
+
+def test_step_rewards_land_on_the_token_that_ends_each_step() -> None:
+    """The collector's tensors: a step's reward on its last character's token; a step never
+    written on the completion's EOS token."""
+    import torch
+
+    from rlbench.experience import step_tensors
+    from rlbench.policy import char_tokenizer
+
+    tokenizer = char_tokenizer(MultiStep.alphabet)
+    eos = tokenizer.eos_token_id
+    completions = ["12+5=17\n17-3=14", "12+5=17"]
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+    rewards, ends = step_tensors(make(), tokenizer, [PROMPT, PROMPT], completions, ids, mask, torch.zeros(2))
+    # row 0: steps end at characters 7 and 15 -> tokens 6 and 14 (one char per token)
+    assert ends[0].nonzero().flatten().tolist() == [6, 14] and rewards[0, [6, 14]].tolist() == [1.0, 1.0]
+    # row 1: its one step ends at token 6; the missing second step sits on its EOS (token 7)
+    assert ends[1].nonzero().flatten().tolist() == [6, 7] and rewards[1, [6, 7]].tolist() == [1.0, 0.0]
+    # a completion with a hidden special token gets no steps
+    _, none = step_tensors(make(), tokenizer, [PROMPT, PROMPT], completions, ids, mask, torch.tensor([1, 0]))
+    assert none[0].sum() == 0 and none[1].sum() == 2
