@@ -121,9 +121,9 @@ def completion_forward(
     """Per-token log-probs of ``completion_ids`` under ``model`` in fp32, and optionally the
     exact entropy and the last hidden states.
 
-    A teacher-forced forward over prompt + completion; logits are computed for completion
-    positions only. When rows repeat prompts (two or more rows per distinct prompt), each
-    distinct prompt runs once (``prefill``) and the completions run on its copied cache.
+    A teacher-forced forward over prompt + completion, in two calls: each distinct prompt runs
+    once (``prefill``: a GRPO group's G rows or a DPO pair's two share one), then the
+    completions run on its copied KV cache; logits are computed for completion positions only.
     Log-probs and entropy are at the sampling ``temperature``: ``softmax(logits / T)`` over
     the first ``vocab_size`` rows (the real tokens, as the sampler draws them; all rows if
     None). The entropy is the exact ``-sum_v p_v log p_v`` over that vocabulary, detached.
@@ -133,33 +133,23 @@ def completion_forward(
     num_completion = completion_ids.shape[1]
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
     padded = not bool(prompt_mask.all())
+    # One code path whether or not rows repeat a prompt, so a row's numbers do not depend on
+    # which rows share its micro-batch (micro-batching must not change the result).
     prompts, prompt_masks, row_of = distinct_prompts(prompt_ids, prompt_mask)
-    # Sharing pays when rows repeat a prompt; it costs a second call through the model.
-    shared = 2 * len(prompts) <= len(prompt_ids)
     hooks = capture_head_input(model) if with_hidden else contextlib.nullcontext([])
     with hooks as captured:
-        if shared:
-            first, cache = prefill(model, prompts, prompt_masks, row_of)
-            logits = first.logits[row_of, -1:]  # predicts completion token 0
-            if num_completion > 1:  # token t - 1 predicts token t
-                rest = model(
-                    input_ids=completion_ids[:, :-1],
-                    attention_mask=mask[:, :-1] if padded else None,
-                    position_ids=position_ids(mask)[:, prompt_ids.shape[1] : -1] if padded else None,
-                    use_cache=True,
-                    **{cache_kwarg(model): cache},
-                )
-                logits = torch.cat([logits, rest.logits], dim=1)
-        else:
-            out = model(
-                input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                attention_mask=mask if padded else None,
-                position_ids=position_ids(mask) if padded else None,
-                use_cache=False,
-                logits_to_keep=num_completion + 1,
+        first, cache = prefill(model, prompts, prompt_masks, row_of)
+        logits = first.logits[row_of, -1:]  # predicts completion token 0
+        if num_completion > 1:  # token t - 1 predicts token t
+            rest = model(
+                input_ids=completion_ids[:, :-1],
+                attention_mask=mask[:, :-1] if padded else None,
+                position_ids=position_ids(mask)[:, prompt_ids.shape[1] : -1] if padded else None,
+                use_cache=True,
+                **{cache_kwarg(model): cache},
             )
-            logits = out.logits[:, :-1]
-    logits = logits[..., :vocab_size].float() / temperature
+            logits = torch.cat([logits, rest.logits], dim=1)
+    logits = logits[:, :num_completion, :vocab_size].float() / temperature
     logprobs_all = torch.log_softmax(logits, dim=-1)
     logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
@@ -167,10 +157,8 @@ def completion_forward(
         with torch.no_grad():
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
     hidden = None
-    if with_hidden and shared:
-        hidden = torch.cat([captured[0][row_of, -1:], *captured[1:]], dim=1)
-    elif with_hidden:
-        hidden = captured[-1][:, -(num_completion + 1) : -1]
+    if with_hidden:  # the LM head's inputs: the prefill's last position, then the completion's
+        hidden = torch.cat([captured[0][row_of, -1:], *captured[1:]], dim=1)[:, :num_completion]
     return ForwardOutput(logprobs, entropy, hidden)
 
 

@@ -142,7 +142,13 @@ def test_grpo_loss_with_ratio_one_is_minus_aggregated_advantage() -> None:
     torch.testing.assert_close(logprobs.grad, expected_grad)
     assert metrics["clip_frac"].item() == 0.0
     assert metrics["ratio_min"].item() == metrics["ratio_max"].item() == 1.0
-    assert "kl" not in metrics and set(metrics) == {"loss", "clip_frac", "ratio_min", "ratio_max"}
+    assert "kl" not in metrics and set(metrics) == {
+        "loss",
+        "clip_frac",
+        "ratio_min",
+        "ratio_max",
+        "advantage_abs_mean",
+    }
 
 
 def test_grpo_loss_with_kl_penalty() -> None:

@@ -11,6 +11,7 @@ import torch
 from rlbench.config import load_config
 from rlbench.errors import ConfigError
 from rlbench.run import train
+from tasks.arithmetic import Arithmetic
 
 
 def final_state(config) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -22,7 +23,14 @@ def final_state(config) -> tuple[dict[str, torch.Tensor], list[float]]:
 
 
 @pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
-def test_loss_and_update_do_not_depend_on_micro_batch_sizes(make_config, tmp_path: Path, aggregation: str):
+def test_loss_and_update_do_not_depend_on_micro_batch_sizes(
+    make_config, tmp_path: Path, aggregation: str, monkeypatch: pytest.MonkeyPatch
+):
+    # a reward a random-weight model earns about half the time: real advantages, real gradients
+    # (with every reward 0 the update would be float noise around zero)
+    monkeypatch.setattr(
+        Arithmetic, "reward", lambda self, prompt, completion: float(completion[:1] in "13579")
+    )
     common = (
         "logging.mlflow=false",
         "trainer.max_steps=2",
@@ -39,8 +47,16 @@ def test_loss_and_update_do_not_depend_on_micro_batch_sizes(make_config, tmp_pat
         )
     )
     assert split_loss == pytest.approx(whole_loss, abs=1e-6)
+    # The same update, up to float summation order. Adam's first steps are nearly sign(g) for
+    # any gradient well above its eps (1e-8), so an element whose gradient is ~1e-9 (a token
+    # barely used) moves by a fraction of lr depending on that order: such elements are
+    # allowed, if rare; a wrongly weighted micro-batch would move many by ~lr.
+    lr, moved, total = 1e-4, 0, 0
     for name, value in whole_state.items():
-        assert torch.allclose(split_state[name], value, atol=1e-5), name
+        diff = (split_state[name] - value).abs()
+        assert float(diff.max()) <= 2 * lr, name
+        moved, total = moved + int((diff > 1e-5).sum()), total + diff.numel()
+    assert moved / total < 1e-3, f"{moved} of {total} parameters differ by more than 1e-5"
 
 
 def test_micro_batch_larger_than_the_batch_is_refused():
