@@ -44,13 +44,19 @@ def finish(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def is_timing(key: str) -> bool:
+    """Metrics that measure time (they differ between any two runs); the cumulative costs in
+    samples and tokens must come back exactly."""
+    return key.startswith("perf/") or key == "cost/wall_s"
+
+
 def csv_rows(run: Path) -> dict[int, dict[str, str]]:
     rows: dict[int, dict[str, str]] = {}
     with (run / "csv" / "metrics.csv").open(newline="") as file:
         for row in csv.DictReader(file):
             step = int(row["step"])
             for key, value in row.items():
-                if value and key != "step" and not key.startswith("perf/"):  # timings differ
+                if value and key != "step" and not is_timing(key):
                     assert key not in rows.get(step, {}), f"{key} logged twice at step {step}"
                     rows.setdefault(step, {})[key] = value
     return rows
@@ -61,7 +67,7 @@ def mlflow_history(run: Path, uri: str) -> dict[str, list[tuple[int, float]]]:
 
     client = MlflowClient(uri)
     run_id = (run / "mlflow_run_id").read_text()
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("perf/")]
+    keys = [k for k in client.get_run(run_id).data.metrics if not is_timing(k)]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
