@@ -91,6 +91,10 @@ class WarmStartConfig:
     """Evaluate (and maybe stop) every this many supervised steps."""
     cache_dir: str = "runs/warmstart"
     """Where warm-start checkpoints are cached, one directory per config hash."""
+    seed: int | None = None
+    """Seed of the warm start (the tiny preset's initial weights, its demonstrations and
+    validation slice); null: the run's seed. Fix it to start runs of different seeds from the
+    same weights, so a comparison over seeds varies RL only."""
 
     def __post_init__(self) -> None:
         require(
@@ -340,6 +344,11 @@ class RunConfig:
     reward_noise: RewardNoiseConfig = field(default_factory=RewardNoiseConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def warmstart_seed(self) -> int:
+        """The warm start's seed: ``warmstart.seed``, or the run's when that is null."""
+        return self.seed if self.warmstart.seed is None else self.warmstart.seed
 
     def __post_init__(self) -> None:
         require(

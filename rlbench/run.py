@@ -20,7 +20,9 @@ from rlbench.stopping import SigtermWatchdog
 
 #: What a run writes before its first checkpoint: a directory holding only these (and its
 #: ``config.yaml``) is a run that stopped before it saved anything, safe to start again.
-EARLY_FILES = ("config.yaml", "csv", "mlflow_run_id", CHECKPOINT_DIR)
+#: Provenance of a run (code commit, library versions, seeds), beside its ``config.yaml``.
+RUN_FILE = "run.json"
+EARLY_FILES = ("config.yaml", RUN_FILE, "csv", "mlflow_run_id", CHECKPOINT_DIR)
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
@@ -205,6 +207,7 @@ def _train(
         build_loggers,
         logged_steps,
         mlflow_tracking_uri,
+        provenance,
         start_loggers,
         ui_command,
     )
@@ -260,6 +263,8 @@ def _train(
     if is_launcher_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(config))
+        if not resume:
+            (out / RUN_FILE).write_text(json.dumps(provenance(config), indent=1))
         start_loggers(loggers, config, resume)
         if resume:
             module.logged_steps = logged_steps(loggers)

@@ -43,15 +43,65 @@ def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
     return loggers
 
 
+def code_commit() -> str | None:
+    """The git commit of the rlbench code that runs (None outside a git checkout), with
+    ``-dirty`` when its tracked files have uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def provenance(config: RunConfig) -> dict[str, Any]:
+    """What reproduces a run besides its ``config.yaml``: the code commit, the library
+    versions and the seeds (written as ``run.json`` and as MLflow tags)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "commit": code_commit(),
+        "seed": config.seed,
+        "warmstart_seed": config.warmstart_seed,
+        "python": platform.python_version(),
+        **{name: installed(name) for name in ("rlbench", "torch", "transformers", "lightning", "mlflow")},
+        "reproduce": f"rlbench train --config {Path(config.output_dir) / 'config.yaml'}",
+    }
+
+
 def start_loggers(loggers: list[Any], config: RunConfig, resume: bool) -> None:
-    """Creates the MLflow run now (so its id is on disk before the first step) and logs params."""
+    """Creates the MLflow run now (so its id is on disk before the first step), logs params and
+    tags the run with its provenance (code commit, library versions, seeds)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    tags = {f"rlbench.{k}": str(v) for k, v in provenance(config).items()}
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
             (Path(config.output_dir) / MLFLOW_RUN_ID_FILE).write_text(logger.run_id or "")
         if not resume:  # MLflow refuses to change a logged param, and a resume keeps them
             logger.log_hyperparams(config.flat())
+            if isinstance(logger, MLFlowLogger):
+                for key, value in tags.items():
+                    logger.experiment.set_tag(logger.run_id, key, value)
 
 
 def ui_command(config: RunConfig) -> str:

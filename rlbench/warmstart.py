@@ -41,8 +41,8 @@ def warmstart_dir(config: RunConfig) -> Path:
     key = config_hash(
         config.model,
         config.task,
-        {k: v for k, v in vars(ws).items() if k != "cache_dir"},
-        config.seed,
+        {k: v for k, v in vars(ws).items() if k not in ("cache_dir", "seed")},
+        config.warmstart_seed,
         config.rollout.max_new_tokens,
     )
     return Path(ws.cache_dir) / f"{config.task.name}-{config.model.name_or_path.replace('/', '_')}-{key}"
@@ -50,7 +50,7 @@ def warmstart_dir(config: RunConfig) -> Path:
 
 def base_model_path(config: RunConfig, task: Task) -> str:
     return resolve_model_path(
-        config.model.name_or_path, task.alphabet, config.seed, Path(config.warmstart.cache_dir)
+        config.model.name_or_path, task.alphabet, config.warmstart_seed, Path(config.warmstart.cache_dir)
     )
 
 
@@ -94,7 +94,7 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
 def validation_prompts(task: Task, config: RunConfig) -> list[Prompt]:
     """The warm start's validation slice: fixed prompts of the *train* split, by seed."""
     n = config.warmstart.validation_prompts
-    return task.prompts("train", n, derive_seed(config.seed, _VALIDATION))
+    return task.prompts("train", n, derive_seed(config.warmstart_seed, _VALIDATION))
 
 
 def held_out_demonstrations(task: Task, n: int, seed: int, held_out: set[str]) -> list[tuple[str, str]]:
@@ -132,7 +132,10 @@ class WarmStartModule(pl.LightningModule):
     def training_step(self, tick: Any, batch_idx: int) -> torch.Tensor:
         ws = self.config.warmstart
         demos = held_out_demonstrations(
-            self.task, ws.batch_size, derive_seed(self.config.seed, _DEMOS, self.global_step), self.held_out
+            self.task,
+            ws.batch_size,
+            derive_seed(self.config.warmstart_seed, _DEMOS, self.global_step),
+            self.held_out,
         )
         input_ids, mask, labels = encode_demonstrations(self.tokenizer, demos, self.device, self.task.config)
         out = self.model(
