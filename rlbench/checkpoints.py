@@ -24,7 +24,8 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 class RolloutStepCheckpoint(pl.Callback):
-    """Saves every ``every`` rollout steps and at step ``max_steps``."""
+    """Saves every ``every`` rollout steps, at step ``max_steps``, and when the run stops early
+    (a spent budget)."""
 
     def __init__(self, dirpath: str | Path, every: int, max_steps: int) -> None:
         if every < 1:
@@ -37,7 +38,7 @@ class RolloutStepCheckpoint(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = int(pl_module.rollout_step)  # steps taken, this one included
-        if step % self.every and step < self.max_steps:
+        if step % self.every and step < self.max_steps and not trainer.should_stop:
             return
         last = self.dirpath / LAST_CHECKPOINT
         trainer.save_checkpoint(last, weights_only=False)  # every process calls it; rank 0 writes

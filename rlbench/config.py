@@ -291,6 +291,31 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class BudgetConfig:
+    samples: int | None = None
+    """Stop once this many completions have been generated (``cost/samples``, pair building
+    included); null: no limit."""
+    tokens_generated: int | None = None
+    """Stop once this many tokens have been generated (``cost/tokens_generated``); null: no limit."""
+    wall_s: float | None = None
+    """Stop once training has run this many seconds (``cost/wall_s``); null: no limit."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "tokens_generated", "wall_s"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, value, "null (no limit) or a number > 0")
+
+    def spent(self, costs: dict[str, float]) -> str | None:
+        """Which limit ``costs`` (``cost/*`` totals) has reached, as ``"budget.samples=N"``; None
+        while every limit has room."""
+        for name in ("samples", "tokens_generated", "wall_s"):
+            limit = getattr(self, name)
+            if limit is not None and costs.get(f"cost/{name}", 0.0) >= limit:
+                return f"budget.{name}={limit}"
+        return None
+
+
+@dataclass
 class LoggingConfig:
     mlflow: bool = True
     """Log to MLflow (alongside the CSV log that is always written)."""
@@ -343,6 +368,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward_noise: RewardNoiseConfig = field(default_factory=RewardNoiseConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -138,15 +138,27 @@ COST_AXES = {
 
 class CostMeter(pl.Callback):
     """Cumulative compute spent: completions sampled (pair building included), tokens
-    generated, tokens trained on, and wall-clock seconds of training (evaluations included)."""
+    generated, tokens trained on, and wall-clock seconds of training (evaluations included).
 
-    def __init__(self) -> None:
+    With a ``budget`` it ends the run after the step that spends it (final evaluation and
+    checkpoint included), so runs of different algorithms can be compared at equal cost.
+    """
+
+    def __init__(self, budget: Any = None) -> None:
         self.totals = dict.fromkeys(COST_AXES.values(), 0.0)
         self.wall_before = 0.0  # seconds spent before this process started (a resumed run)
         self.started: float | None = None
+        self.budget = budget
+        #: The limit that ended the run (``"budget.samples=1000"``), or None.
+        self.stopped_by: str | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.started = time.perf_counter()
+        if self.budget is not None and self.budget.spent(self.costs()) is not None:
+            trainer.should_stop = True  # a run resumed after its budget was spent
+
+    def costs(self) -> dict[str, float]:
+        return {**self.totals, "cost/wall_s": self.wall_s()}
 
     def wall_s(self) -> float:
         return self.wall_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
@@ -158,7 +170,15 @@ class CostMeter(pl.Callback):
         metrics, step = found
         for per_step, total in COST_AXES.items():
             self.totals[total] += metrics.get(per_step, 0.0)
-        log(pl_module, {**self.totals, "cost/wall_s": self.wall_s()}, step)
+        costs = self.costs()
+        log(pl_module, costs, step)
+        if self.budget is None or trainer.should_stop:
+            return
+        spent = self.budget.spent(costs)
+        # every process must take the same decision (wall clocks differ slightly)
+        if pl_module.dist.max(1.0 if spent else 0.0) > 0:
+            self.stopped_by = spent or "budget.wall_s (on another process)"
+            pl_module.finish(f"{self.stopped_by} spent after {step + 1} steps")
 
     def state_dict(self) -> dict[str, Any]:
         return {"totals": dict(self.totals), "wall_s": self.wall_s()}
@@ -172,4 +192,8 @@ class CostMeter(pl.Callback):
 def diagnostics_callbacks(config: Any) -> list[pl.Callback]:
     """The diagnostics every run gets, from the ``diagnostics:`` config section."""
     d = config.diagnostics
-    return [EntropyCollapse(d.collapse_threshold), StabilityMonitor(d.window, d.spike_sigmas), CostMeter()]
+    return [
+        EntropyCollapse(d.collapse_threshold),
+        StabilityMonitor(d.window, d.spike_sigmas),
+        CostMeter(config.budget),
+    ]

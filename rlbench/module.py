@@ -201,6 +201,13 @@ class RLModule(pl.LightningModule):
             self.evaluate()
             self.trainer.should_stop = True
 
+    def finish(self, reason: str) -> None:
+        """Ends the run after the step that just finished (a spent budget): the final
+        evaluation now, then Lightning stops and the checkpoint callback saves."""
+        pl.utilities.rank_zero_info(f"stopping: {reason}")
+        self.evaluate()
+        self.trainer.should_stop = True
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlbench_config"] = self.config.to_dict()
         checkpoint["rlbench_state"] = {

@@ -288,6 +288,7 @@ def _train(
         "accuracy_after": history[-1][1] if history else None,
         "eval_history": history,
         "collapse_step": collapse.collapse_step,
+        "stopped_by": cost.stopped_by,
         "cost": {**cost.totals, "cost/wall_s": cost.wall_s()},
         "wall_s": time.perf_counter() - started,
         "model_path": model_path,
