@@ -93,13 +93,18 @@ def options_markdown() -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def replace_block(readme: str, begin_marker: str, end_marker: str, body: str) -> str:
+    """``readme`` with the text between two generated-block markers replaced by ``body``."""
+    head, begin, rest = readme.partition(begin_marker)
+    _, end, tail = rest.partition(end_marker)
+    if not begin or not end:
+        raise ValueError(f"the README has no {begin_marker!r} ... {end_marker!r} block")
+    return f"{head}{begin_marker}\n{body}\n{end_marker}{tail}"
+
+
 def readme_with_options(readme: str) -> str:
     """``readme`` with its generated block replaced by today's ``options_markdown``."""
-    head, begin, rest = readme.partition(README_BEGIN)
-    _, end, tail = rest.partition(README_END)
-    if not begin or not end:
-        raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
-    return f"{head}{README_BEGIN}\n{options_markdown()}\n{README_END}{tail}"
+    return replace_block(readme, README_BEGIN, README_END, options_markdown())
 
 
 if __name__ == "__main__":  # rewrites the README's algorithm options from the field docs

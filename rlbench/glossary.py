@@ -244,11 +244,9 @@ def markdown() -> str:
 
 def readme_with_glossary(readme: str) -> str:
     """``readme`` with its generated glossary block replaced by the current table."""
-    head, begin, rest = readme.partition(README_BEGIN)
-    _, end, tail = rest.partition(README_END)
-    if not begin or not end:
-        raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
-    return f"{head}{README_BEGIN}\n{markdown()}\n{README_END}{tail}"
+    from rlbench.config_help import replace_block
+
+    return replace_block(readme, README_BEGIN, README_END, markdown())
 
 
 if __name__ == "__main__":  # rewrites the README's glossary from the table

@@ -63,23 +63,8 @@ class ArithmeticConfig(TaskOptions):
             self.operands,
             "an integer >= 2",
         )
-        self.operators = tuple(self.operators)
-        require(
-            len(self.operators) > 0
-            and set(self.operators) <= set(OPERATORS)
-            and len(set(self.operators)) == len(self.operators),
-            "operators",
-            self.operators,
-            "a non-empty list of distinct operators from '+', '-', '*'",
-        )
-        total = self.problem_count()
-        require(
-            isinstance(self.eval_size, int) and 1 <= self.eval_size <= total // 2,
-            "eval_size",
-            self.eval_size,
-            f"an integer from 1 to {total // 2} (half of the {total} distinct "
-            "problems; raise digits or operands for a larger eval split)",
-        )
+        self.operators = checked_operators(self.operators)
+        check_eval_size(self.eval_size, self.problem_count())
 
     def operand_range(self, index: int) -> tuple[int, int]:
         """Inclusive (low, high) of operand ``index``: 0-9 for one digit, else exactly d digits."""
@@ -93,6 +78,29 @@ class ArithmeticConfig(TaskOptions):
             low, high = self.operand_range(i)
             count *= high - low + 1
         return count
+
+
+def checked_operators(operators: tuple[str, ...]) -> tuple[str, ...]:
+    """``operators`` as a tuple, checked: a non-empty set of distinct '+', '-', '*'."""
+    operators = tuple(operators)
+    require(
+        len(operators) > 0 and set(operators) <= set(OPERATORS) and len(set(operators)) == len(operators),
+        "operators",
+        operators,
+        "a non-empty list of distinct operators from '+', '-', '*'",
+    )
+    return operators
+
+
+def check_eval_size(eval_size: int, total: int) -> None:
+    """The eval split may hold at most half of the ``total`` distinct problems."""
+    require(
+        isinstance(eval_size, int) and 1 <= eval_size <= total // 2,
+        "eval_size",
+        eval_size,
+        f"an integer from 1 to {total // 2} (half of the {total} distinct "
+        "problems; raise digits or operands for a larger eval split)",
+    )
 
 
 def evaluate(operands: tuple[int, ...], operators: tuple[str, ...]) -> int:

@@ -20,7 +20,7 @@ Rewards:
   steps after it. Step-shaped lines beyond the expected number of steps earn 0: they add
   nothing to the answer, and crediting them would let a policy farm process reward by
   repeating steps. Blank lines get no entry. A completion that stops before the last expected
-  step gets one more entry of reward 0 at its end (``end = MISSING``, placed on its EOS token):
+  step gets one more entry of reward 0 at its end (``end = STEPS_NOT_WRITTEN``, placed on its EOS token):
   otherwise stopping after a right first step would collect only positive step rewards, and
   a policy learns to stop early.
 
@@ -42,9 +42,8 @@ from rlbench.errors import RLBenchError, require
 from rlbench.registry import TASKS
 from rlbench.splits import DrawnSplits
 from rlbench.task import STEPS_NOT_WRITTEN, Prompt, Split, Task, TaskOptions
+from tasks.arithmetic import check_eval_size, checked_operators
 
-OPERATORS = ("+", "-", "*")
-MISSING = STEPS_NOT_WRITTEN
 # A problem: (operands, operators between them).
 Problem = tuple[tuple[int, ...], tuple[str, ...]]
 
@@ -100,23 +99,8 @@ class MultiStepConfig(TaskOptions):
             self.digits,
             "an integer from 1 to 9",
         )
-        self.operators = tuple(self.operators)
-        require(
-            len(self.operators) > 0
-            and set(self.operators) <= set(OPERATORS)
-            and len(set(self.operators)) == len(self.operators),
-            "operators",
-            self.operators,
-            "a non-empty list of distinct operators from '+', '-', '*'",
-        )
-        total = self.problem_count()
-        require(
-            isinstance(self.eval_size, int) and 1 <= self.eval_size <= total // 2,
-            "eval_size",
-            self.eval_size,
-            f"an integer from 1 to {total // 2} (half of the {total} distinct "
-            "problems; raise digits or operands for a larger eval split)",
-        )
+        self.operators = checked_operators(self.operators)
+        check_eval_size(self.eval_size, self.problem_count())
         require(isinstance(self.split_seed, int), "split_seed", self.split_seed, "an integer")
 
     def operand_range(self) -> tuple[int, int]:
@@ -229,7 +213,7 @@ class MultiStep(Task):
             rewards.append((end, 1.0 if j < len(expected) and step == expected[j] else 0.0))
             j += 1
         if j < len(expected):  # steps never written: one step of reward 0 at the end
-            rewards.append((MISSING, 0.0))
+            rewards.append((STEPS_NOT_WRITTEN, 0.0))
         return rewards
 
     def reward(self, prompt: Prompt, completion: str) -> float:
