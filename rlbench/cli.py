@@ -1,4 +1,4 @@
-"""Command line: ``rlbench train | warmstart | list | config``.
+"""Command line: ``rlbench train | warmstart | compare | report | list | config``.
 
 Every user error (bad config value, unknown name, missing file) prints one line naming the
 problem and exits with status 2, without a traceback.
@@ -49,6 +49,42 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     _config_args(warm)
+    compare = sub.add_parser(
+        "compare",
+        help="run a matrix of algorithms x tasks x seeds (x noise levels) and write its report",
+        description="Runs every cell of the matrix (resumably: finished cells are skipped, a killed "
+        "cell resumes from its checkpoint), then writes report.md, report.html and plots/ in the "
+        "matrix's output_dir. Exit status 1 when some cells failed (the report lists them).",
+    )
+    compare.add_argument("matrix", metavar="MATRIX.yaml", help="the matrix file")
+    compare.add_argument(
+        "--storage",
+        metavar="URL",
+        help="database the workers share to take cells (SQLAlchemy URL: sqlite:///..., "
+        "postgresql://...); default: cells.db in the matrix's output_dir",
+    )
+    compare.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
+    compare.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    compare.add_argument("--no-progress", action="store_true", help="hide the runs' progress bars")
+    compare.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
+    report = sub.add_parser(
+        "report",
+        help="(re)build a matrix's report from its logged metrics",
+        description="Builds report.md, report.html and plots/ from a matrix's output_dir, or from an "
+        "MLflow experiment alone (--experiment).",
+    )
+    report.add_argument("directory", nargs="?", metavar="MATRIX_DIR", help="a matrix's output_dir")
+    report.add_argument("--experiment", metavar="NAME", help="read the runs from this MLflow experiment")
+    report.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI for --experiment (default: MATRIX_DIR/mlflow.db, else ./mlflow.db)",
+    )
+    report.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where to write the report (default: MATRIX_DIR, or report-NAME with --experiment)",
+    )
     sub.add_parser("list", help="list registered algorithms and tasks")
     show = sub.add_parser("config", help="print the resolved config (--show) or every field (--fields)")
     _config_args(show, required=False)
@@ -91,6 +127,21 @@ def run_command(args: argparse.Namespace) -> int:
                 f"char tokenizer"
             )
         return 0
+    if args.command == "compare":
+        from rlbench.compare import compare, worker_main
+
+        if args.worker:
+            return worker_main(args.matrix, args.storage, args.retry_failed)
+        progress = False if args.no_progress else None
+        return compare(args.matrix, args.storage, args.workers, args.retry_failed, progress)
+    if args.command == "report":
+        from rlbench.report import write_report
+
+        if args.directory is None and args.experiment is None:
+            raise RLBenchError("report: give a matrix directory, or --experiment NAME")
+        written = write_report(args.directory, args.experiment, args.tracking_uri, args.output)
+        print(f"report: {written} (and report.md, plots/)")
+        return 0
     if args.command == "config":
         if args.fields or not args.show:
             print(help_text())
@@ -114,12 +165,19 @@ def run_command(args: argparse.Namespace) -> int:
         quiet_libraries()
         print(format_report(dry_run(config)))
         return 0
+    from rlbench.progress import MatrixStatus, matrix_progress_callback
     from rlbench.run import train
     from rlbench.stopping import install_sigterm_watchdog
 
     # SIGTERM must end the run even while a DDP collective blocks the main thread
     watchdog = install_sigterm_watchdog()
-    summary = train(config, resume=args.resume, progress_bar=not args.no_progress, watchdog=watchdog)
+    callbacks = []
+    status = MatrixStatus.from_env()  # a cell of `rlbench compare`: its bar shows the matrix's progress
+    if status is not None and not args.no_progress:
+        callbacks.append(matrix_progress_callback(status, config.trainer.max_steps))
+    summary = train(
+        config, resume=args.resume, progress_bar=not args.no_progress, callbacks=callbacks, watchdog=watchdog
+    )
     print(
         f"eval accuracy: {summary['accuracy_before']:.3f} before -> {summary['accuracy_after']:.3f} after "
         f"{summary['steps']} steps ({summary['wall_s']:.0f} s); run directory {summary['output_dir']}"

@@ -325,7 +325,27 @@ class LoggingConfig:
     experiment: str = "rlbench"
     """MLflow experiment name."""
     run_name: str | None = None
-    """MLflow run name; default: the last component of ``output_dir``."""
+    """MLflow (and W&B) run name; default: the last component of ``output_dir``."""
+    wandb: bool = False
+    """Also log to Weights & Biases through Lightning's WandbLogger: offline (written under
+    ``<output_dir>/wandb``, upload later with ``wandb sync``) unless ``WANDB_API_KEY`` is set;
+    same metric names as MLflow. Needs ``pip install "rlbench[wandb]"``."""
+    wandb_project: str = "rlbench"
+    """W&B project the run is logged to."""
+    wandb_group: str | None = None
+    """W&B run group (runs of one comparison share a group, e.g. the comparison's name); null:
+    no group."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags set on the run (MLflow tags, W&B config): ``rlbench compare`` writes each cell's
+    coordinates here (``rlbench.cell``, ``rlbench.cell.algorithm``, ...)."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.wandb_project.strip() != "" and not any(c in self.wandb_project for c in "/\\#?%:"),
+            "wandb_project",
+            self.wandb_project,
+            "a W&B project name: not empty, none of the characters / \\ # ? % :",
+        )
 
 
 @dataclass
@@ -433,6 +453,7 @@ class RunConfig:
         as params); the sections of algorithms not selected are left out."""
         data = self.to_dict()
         data["algorithm"] = self.algorithm.selected()
+        data["logging"].pop("tags")  # tags, not parameters
         return dict(_flatten(data))
 
 
@@ -460,7 +481,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(
                 item, item, "overrides are written dotted.key=value, e.g. algorithm.grpo.beta=0.0"
             )
-        _set_dotted(data, key.strip(), _parse_scalar(raw))
+        set_dotted(data, key.strip(), _parse_scalar(raw))
     return build(RunConfig, data, "")
 
 
@@ -494,7 +515,7 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
@@ -626,6 +647,12 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(where, value, "a list")
         items = [check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, Mapping):
+            raise ConfigError(where, value, "a mapping")
+        items = value.items()
+        return {check_type(k, key_type, where): check_type(v, value_type, f"{where}.{k}") for k, v in items}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -1,11 +1,12 @@
 """Evaluation on a task's eval split: what ``eval/accuracy`` (greedy) and, with ``eval.samples``
-k > 1, ``eval/pass@k`` and ``eval/maj@k`` (k sampled completions per prompt) mean everywhere."""
+k > 1, ``eval/pass@k``, ``eval/maj@k`` and the pass@j curve (k sampled completions per prompt)
+mean everywhere."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +105,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_curve_ks(k: int) -> list[int]:
+    """The ``j`` of the pass@j curve an evaluation with ``eval.samples = k`` logs, all from the
+    same ``k`` samples: 1, the powers of two strictly between 1 and ``k``, and ``k``
+    (``[1, 2, 4, 6]`` for ``k = 6``). ``[1]`` for ``k = 1``, where nothing is sampled."""
+    if k < 1:
+        raise ValueError(f"the pass@j curve needs k >= 1 samples, got k={k}")
+    ks = [1]
+    while ks[-1] * 2 < k:
+        ks.append(ks[-1] * 2)
+    return ks + [k] if k > 1 else ks
+
+
+def pass_metric(j: int, k: int) -> str:
+    """The name pass@j is logged under when ``eval.samples = k``: ``eval/pass@1``, ``eval/pass@k``
+    for ``j = k``, else ``eval/pass@{j}`` (``j`` in ``pass_curve_ks(k)``)."""
+    if j not in pass_curve_ks(k):
+        raise ValueError(f"pass@{j} is not logged with eval.samples={k}; it logs j in {pass_curve_ks(k)}")
+    if j == k and k > 1:
+        return "eval/pass@k"
+    return f"eval/pass@{j}"
+
+
 def majority_correct(task: Task, prompt: Prompt, completions: list[str], invalid: list[bool]) -> bool:
     """maj@k: whether the most frequent extracted answer (canonical form; ties go to the answer
     reached first) is correct. Completions without an answer, or with a special token, do not vote."""
@@ -123,11 +146,13 @@ def majority_correct(task: Task, prompt: Prompt, completions: list[str], invalid
 
 @dataclass
 class SampledEval:
-    """Sums over prompts (so shards add up): pass@k, maj@k hits and the fraction correct."""
+    """Sums over prompts (so shards add up): pass@k, maj@k hits, the fraction correct and, per
+    ``j`` strictly between 1 and k on the curve (``pass_curve_ks``), pass@j."""
 
     pass_at_k: float = 0.0
     maj_at_k: float = 0.0
     pass_at_1: float = 0.0
+    pass_at_j: dict[int, float] = field(default_factory=dict)
 
 
 def sampled_eval(
@@ -142,9 +167,10 @@ def sampled_eval(
     rows: int = 256,
 ) -> SampledEval:
     """``k`` sampled completions per prompt (``seeds[i]``: prompt ``i``'s ``k`` sampling seeds),
-    generated ``rows`` at a time."""
+    generated ``rows`` at a time. Every pass@j of the curve comes from the same samples."""
     device = next(model.parameters()).device
-    out = SampledEval()
+    # every j present even on a shard without prompts, so all processes sum the same keys
+    out = SampledEval(pass_at_j={j: 0.0 for j in pass_curve_ks(k)[1:-1]})
     per_chunk = max(1, rows // k)
     with inference_mode(model):
         for start in range(0, len(prompts), per_chunk):
@@ -159,6 +185,8 @@ def sampled_eval(
                 mine, bad = texts[i * k : (i + 1) * k], flags[i * k : (i + 1) * k]
                 correct = sum(not b and task.is_correct(prompt, t) for t, b in zip(mine, bad))
                 out.pass_at_k += pass_at_k(k, correct, k)
+                for j in out.pass_at_j:
+                    out.pass_at_j[j] += pass_at_k(k, correct, j)
                 out.maj_at_k += majority_correct(task, prompt, mine, bad)
                 out.pass_at_1 += correct / k
     return out
@@ -169,7 +197,8 @@ _EVAL_SAMPLES = 0x65766B  # seeds of eval sampling (pass@k), apart from every tr
 
 class Evaluator:
     """A policy's scores on the task's eval split: greedy ``eval/accuracy`` and, with
-    ``eval.samples`` k > 1, ``eval/pass@k``, ``eval/maj@k`` and the sampled ``eval/pass@1``.
+    ``eval.samples`` k > 1, ``eval/pass@k``, ``eval/maj@k``, the sampled ``eval/pass@1`` and
+    ``eval/pass@{j}`` for the powers of two ``j`` between them (the curve, ``pass_curve_ks``).
 
     Each process scores its share of the prompts (``prompts[rank::world]``); the sums add up
     over processes (``dist.sum``), so every process returns the global figures.
@@ -207,4 +236,6 @@ class Evaluator:
             out["eval/pass@k"] = self.dist.sum(sums.pass_at_k) / n
             out["eval/maj@k"] = self.dist.sum(sums.maj_at_k) / n
             out["eval/pass@1"] = self.dist.sum(sums.pass_at_1) / n
+            for j in pass_curve_ks(k)[1:-1]:  # the same js, in the same order, on every process
+                out[pass_metric(j, k)] = self.dist.sum(sums.pass_at_j[j]) / n
         return out

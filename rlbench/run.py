@@ -22,7 +22,18 @@ from rlbench.stopping import SigtermWatchdog
 #: ``config.yaml``) is a run that stopped before it saved anything, safe to start again.
 #: Provenance of a run (code commit, library versions, seeds), beside its ``config.yaml``.
 RUN_FILE = "run.json"
-EARLY_FILES = ("config.yaml", RUN_FILE, "csv", "mlflow_run_id", CHECKPOINT_DIR)
+#: Why a run failed (its error and traceback), written when it raises; gone once it finishes.
+FAILED_FILE = "failed.json"
+EARLY_FILES = (
+    "config.yaml",
+    RUN_FILE,
+    FAILED_FILE,
+    "csv",
+    "mlflow_run_id",
+    "wandb",
+    "wandb_run_id",
+    CHECKPOINT_DIR,
+)
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
@@ -53,7 +64,7 @@ def quiet_libraries() -> None:
 def process_state_scope(num_threads: int) -> Iterator[None]:
     """Runs a block with the process-wide state a run changes, and restores it afterwards:
     torch's thread count, warning filters, global RNGs (``seed_everything``), the environment
-    variables Lightning and tokenizers set, and library log levels. So runs made one after
+    variables Lightning, tokenizers and W&B set, and library log levels. So runs made one after
     another in one process (``compare``, ``sweep``, tests) do not leak into each other."""
     import logging
     import random
@@ -64,7 +75,7 @@ def process_state_scope(num_threads: int) -> Iterator[None]:
     import transformers
 
     hf_logging = transformers.utils.logging
-    variables = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TOKENIZERS_PARALLELISM")
+    variables = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TOKENIZERS_PARALLELISM", "WANDB_MODE")
     saved_env = {name: os.environ.get(name) for name in variables}
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     saved_levels = [logger.level for logger in loggers]
@@ -183,8 +194,30 @@ def train(
     written atomically, so the last one is intact for ``--resume``.
     """
     checkpoint = check_run_dir(config, resume)
-    with process_state_scope(config.trainer.num_threads):
-        return _train(config, checkpoint, progress_bar, callbacks or [], watchdog)
+    failed = Path(config.output_dir) / FAILED_FILE
+    try:
+        with process_state_scope(config.trainer.num_threads):
+            summary = _train(config, checkpoint, progress_bar, callbacks or [], watchdog)
+    except Exception as err:
+        if is_launcher_process() and failed.parent.is_dir():
+            record_failure(failed, err)
+        raise
+    failed.unlink(missing_ok=True)  # a failed run, resumed to its end
+    return summary
+
+
+def record_failure(path: Path, err: BaseException) -> None:
+    """Writes why the run failed into its directory, for ``rlbench compare``'s report."""
+    import traceback
+
+    message = str(err).strip().splitlines()
+    error = (
+        f"{type(err).__name__}: {message[0] if message else ''}"
+        if not isinstance(err, RLBenchError)
+        else str(err)
+    )
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    path.write_text(json.dumps({"error": error, "traceback": trace}, indent=1))
 
 
 def _train(
@@ -203,18 +236,24 @@ def _train(
     from rlbench.module import RLModule
     from rlbench.registry import TASKS
     from rlbench.tracking import (
+        WANDB_DIR,
         atomic_checkpoint_io,
         build_loggers,
         logged_steps,
         mlflow_tracking_uri,
         provenance,
+        set_mlflow_tag,
         start_loggers,
         ui_command,
+        wandb_offline,
     )
     from rlbench.warmstart import base_model_path, warm_start
 
     resume = checkpoint is not None
     started = time.perf_counter()
+    # builds objects only (nothing is written yet); first, so that a missing optional logger
+    # (wandb) fails before the warm start
+    loggers = build_loggers(config, resume)
     if config.warmstart.enabled:
         # rank 0 builds (or finds) it before the other processes start, so they find it cached
         model_path, info = warm_start(config, quiet=not progress_bar)
@@ -227,7 +266,6 @@ def _train(
     out = Path(config.output_dir)
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
-    loggers = build_loggers(config, resume)  # builds objects only: nothing is written yet
     max_steps = config.trainer.max_steps
     checkpoints = RolloutStepCheckpoint(out / CHECKPOINT_DIR, config.trainer.checkpoint_every, max_steps)
     # before the checkpoint callback: a checkpoint holds the diagnostics of its own step
@@ -270,6 +308,8 @@ def _train(
             module.logged_steps = logged_steps(loggers)
         if config.logging.mlflow:
             print(f"MLflow tracking URI: {mlflow_tracking_uri(config)}\n  open it with: {ui_command(config)}")
+        if config.logging.wandb and wandb_offline():
+            print(f"W&B: offline run under {out / WANDB_DIR}\n  upload it with: wandb sync {out / WANDB_DIR}")
     if watchdog is not None:
         watchdog.on_forced_stop(lambda: kill_other_ranks(trainer))
         if is_launcher_process():
@@ -298,5 +338,7 @@ def _train(
         from rlbench.lora import export_model  # merges LoRA adapters: a plain HF checkpoint
 
         export_model(module.policy, module.tokenizer, out / "final_model")
+        if cost.stopped_by is not None:
+            set_mlflow_tag(loggers, "rlbench.stopped_by", cost.stopped_by)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,19 +1,28 @@
-"""Lightning loggers for a run: CSV always, MLflow by default (an embedded SQLite store).
+"""Lightning loggers for a run: CSV always, MLflow by default (an embedded SQLite store), and
+Weights & Biases with ``logging.wandb``.
 
 Every run under the same parent directory shares one SQLite store (``<parent>/mlflow.db``),
 so ``mlflow ui --backend-store-uri sqlite:///<parent>/mlflow.db`` shows them side by side.
-A resumed run continues its MLflow run (the run id is kept in the run directory).
+W&B runs are written offline under ``<output_dir>/wandb`` (``wandb sync`` uploads them) unless
+``WANDB_API_KEY`` is set. A resumed run continues its MLflow and W&B runs (their ids are kept
+in the run directory).
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from rlbench.config import RunConfig
+from rlbench.errors import RLBenchError
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+WANDB_RUN_ID_FILE = "wandb_run_id"
+#: Where W&B writes its runs, under ``output_dir`` (``offline-run-*`` without an API key).
+WANDB_DIR = "wandb"
 
 
 def mlflow_tracking_uri(config: RunConfig) -> str:
@@ -40,7 +49,61 @@ def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
             synchronous=False,  # metrics are written in the background, off the step's critical path
         )
         loggers.append(mlflow_logger)
+    if config.logging.wandb:
+        loggers.append(wandb_logger(config, resume))
     return loggers
+
+
+def wandb_offline() -> bool:
+    """Whether W&B runs are written offline: yes unless ``WANDB_API_KEY`` is set."""
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def wandb_logger(config: RunConfig, resume: bool) -> Any:
+    """Lightning's ``WandbLogger`` for the run, with the MLflow run's name and a run id kept in
+    ``output_dir`` (a resumed run continues the same W&B run); RLBenchError without wandb."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise RLBenchError(
+            'logging.wandb=true needs wandb: pip install "rlbench[wandb]" (or pip install wandb)'
+        ) from None
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class FinishingWandbLogger(WandbLogger):
+        """Lightning's WandbLogger, except that it ends its W&B run when training ends, failed
+        or not (Lightning's ``finalize`` leaves the run open until the process exits)."""
+
+        _finished = False
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            # Lightning always passes anonymous=None, which recent wandb (0.31) warns about on the
+            # console (before the run's own ``silent`` setting applies)
+            self._wandb_init.pop("anonymous", None)
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            if self._experiment is not None and not self._finished:
+                self._finished = True
+                self._experiment.finish(exit_code=1 if status == "failed" else 0)
+
+    out = Path(config.output_dir)
+    id_file = out / WANDB_RUN_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
+    return FinishingWandbLogger(
+        project=config.logging.wandb_project,
+        name=config.logging.run_name or out.resolve().name,
+        group=config.logging.wandb_group,
+        save_dir=str(out),  # W&B writes <output_dir>/wandb
+        # Lightning sets WANDB_MODE for this; process_state_scope restores it after the run
+        offline=wandb_offline(),
+        id=run_id or secrets.token_hex(4),  # not the global RNGs: seeding is the run's own
+        resume="allow",
+        settings={"silent": True},  # no banners or sync hints on the console
+    )
 
 
 def code_commit() -> str | None:
@@ -90,18 +153,35 @@ def provenance(config: RunConfig) -> dict[str, Any]:
 
 def start_loggers(loggers: list[Any], config: RunConfig, resume: bool) -> None:
     """Creates the MLflow run now (so its id is on disk before the first step), logs params and
-    tags the run with its provenance (code commit, library versions, seeds)."""
-    from lightning.pytorch.loggers import MLFlowLogger
+    tags the run with its provenance (code commit, library versions, seeds): MLflow tags, and
+    ``rlbench.*`` entries of the W&B run's config."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-    tags = {f"rlbench.{k}": str(v) for k, v in provenance(config).items()}
+    facts = provenance(config)
+    tags = {**{f"rlbench.{k}": str(v) for k, v in facts.items()}, **config.logging.tags}
+    out = Path(config.output_dir)
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
-            (Path(config.output_dir) / MLFLOW_RUN_ID_FILE).write_text(logger.run_id or "")
+            (out / MLFLOW_RUN_ID_FILE).write_text(logger.run_id or "")
+        if isinstance(logger, WandbLogger):
+            (out / WANDB_RUN_ID_FILE).write_text(logger.version or "")
         if not resume:  # MLflow refuses to change a logged param, and a resume keeps them
             logger.log_hyperparams(config.flat())
             if isinstance(logger, MLFlowLogger):
                 for key, value in tags.items():
                     logger.experiment.set_tag(logger.run_id, key, value)
+            if isinstance(logger, WandbLogger):
+                facts = {f"rlbench.{k}": v for k, v in facts.items()}
+                logger.experiment.config.update({**facts, **config.logging.tags})
+
+
+def set_mlflow_tag(loggers: list[Any], key: str, value: str) -> None:
+    """Tags the run's MLflow run (after training too: what stopped it)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger) and logger.run_id:
+            logger.experiment.set_tag(logger.run_id, key, value)
 
 
 def ui_command(config: RunConfig) -> str:
@@ -140,7 +220,9 @@ def logged_steps(loggers: list[Any]) -> list[dict[str, int]]:
     """For each logger, the last step already recorded per metric (a resumed run's watermark).
 
     A run killed after its last checkpoint has logged steps that the resumed run computes
-    again, identically; the module skips those instead of writing them twice.
+    again, identically; the module skips those instead of writing them twice. Other loggers
+    (W&B, whose offline history is not read back) get no watermark: they see those steps
+    again.
     """
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 

@@ -1,4 +1,5 @@
-"""Diagnostics on synthetic series: entropy collapse, grad-norm spikes, loss std, costs, pass@k, maj@k."""
+"""Diagnostics on synthetic series: entropy collapse, grad-norm spikes, loss std, costs, pass@k
+(and its curve of pass@j), maj@k."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ import statistics
 from itertools import combinations
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch import Tensor, nn
 
+from rlbench.collectives import Collectives
 from rlbench.diagnostics import CostMeter, EntropyCollapse, StabilityMonitor, is_spike
-from rlbench.evaluation import majority_correct, pass_at_k
+from rlbench.evaluation import (
+    Evaluator,
+    majority_correct,
+    pass_at_k,
+    pass_curve_ks,
+    pass_metric,
+    sampled_eval,
+)
+from rlbench.policy import load_policy, resolve_model_path
+from rlbench.rollout import Rollout, RolloutBackend, SamplingParams, completion_mask
 from rlbench.task import Prompt
 from tasks.arithmetic import Arithmetic, ArithmeticConfig
 
@@ -134,3 +148,88 @@ def test_majority_vote_over_extracted_answers():
     assert majority_correct(task, prompt, ["46", "47"], [False, False])  # a tie: the first answer
     assert not majority_correct(task, prompt, ["46", "46", "47"], [True, True, False])  # invalid: no vote
     assert not majority_correct(task, prompt, ["no", "answer"], [False, False])
+
+
+@pytest.mark.parametrize(
+    ("k", "ks"), [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8])]
+)
+def test_pass_curve_is_one_the_powers_of_two_below_k_and_k(k: int, ks: list[int]):
+    assert pass_curve_ks(k) == ks
+
+
+def test_pass_curve_needs_a_sample():
+    with pytest.raises(ValueError, match="k=0"):
+        pass_curve_ks(0)
+
+
+def test_pass_metric_names_the_curve():
+    assert [pass_metric(j, 8) for j in pass_curve_ks(8)] == [
+        "eval/pass@1",
+        "eval/pass@2",
+        "eval/pass@4",
+        "eval/pass@k",  # the published name, not eval/pass@8
+    ]
+    assert [pass_metric(j, 6) for j in pass_curve_ks(6)] == [
+        "eval/pass@1",
+        "eval/pass@2",
+        "eval/pass@4",
+        "eval/pass@k",
+    ]
+    assert (pass_metric(1, 1), pass_metric(8, 16), pass_metric(2, 2)) == (
+        "eval/pass@1",
+        "eval/pass@8",
+        "eval/pass@k",
+    )
+    for j, k in [(3, 8), (6, 16), (0, 8), (16, 8)]:  # not logged with eval.samples=k
+        with pytest.raises(ValueError, match=f"pass@{j} is not logged"):
+            pass_metric(j, k)
+
+
+class FixedRows(RolloutBackend):
+    """A sampler that returns given completions (token rows), the first ``len(prompt_ids)``."""
+
+    def __init__(self, rows: list[list[int]], eos: int) -> None:
+        self.ids, self.eos = torch.tensor(rows), eos
+
+    def generate(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        seeds: list[int],
+        params: SamplingParams,
+    ) -> Rollout:
+        ids = self.ids[: len(prompt_ids)]
+        return Rollout(ids, completion_mask(ids, self.eos), torch.zeros(ids.shape))
+
+
+def test_pass_curve_from_the_same_k_samples(tmp_path_factory: pytest.TempPathFactory):
+    """k = 8 samples: the first prompt has c = 3 correct, the second none."""
+    cache = tmp_path_factory.mktemp("presets")
+    model, tok = load_policy(resolve_model_path("tiny-llama", Arithmetic.alphabet, 0, cache))
+    task = Arithmetic(ArithmeticConfig())
+    prompts = [Prompt("12+34=", "46"), Prompt("1+1=", "2")]
+    eos = tok.eos_token_id
+
+    def row(text: str) -> list[int]:
+        return [*tok.convert_tokens_to_ids(list(text)), eos]
+
+    rows = [row("46")] * 3 + [row("47")] * 5 + [row("33")] * 8  # prompt i's samples: rows 8i .. 8i+7
+    pass2, pass4 = 1 - math.comb(5, 2) / math.comb(8, 2), 1 - math.comb(5, 4) / math.comb(8, 4)
+    assert (pass2, pass4) == (pytest.approx(1 - 10 / 28), pytest.approx(1 - 5 / 70))
+
+    backend, params = FixedRows(rows, eos), SamplingParams(3)
+    seeds = [list(range(8)), list(range(8, 16))]
+    sums = sampled_eval(model, tok, task, prompts, backend, params, 8, seeds)
+    assert sums.pass_at_j == {2: pytest.approx(pass2), 4: pytest.approx(pass4)}
+    assert (sums.pass_at_1, sums.pass_at_k, sums.maj_at_k) == (pytest.approx(3 / 8), 1.0, 0.0)
+    # a shard without prompts still holds every j, so all processes sum the same figures
+    assert sampled_eval(model, tok, task, [], backend, params, 8, []).pass_at_j == {2: 0.0, 4: 0.0}
+
+    dist = Collectives(pl.LightningModule())  # no trainer: one process
+    evaluator = Evaluator(task, tok, backend, prompts, params, 8, 0, dist)
+    metrics = evaluator.metrics(model, step=0, rank=0)
+    assert set(metrics) == {"eval/accuracy", "eval/maj@k"} | {pass_metric(j, 8) for j in pass_curve_ks(8)}
+    curve = [metrics[pass_metric(j, 8)] for j in pass_curve_ks(8)]  # mean over the two prompts
+    assert curve == pytest.approx([3 / 16, pass2 / 2, pass4 / 2, 1 / 2])
+    assert curve == sorted(curve)

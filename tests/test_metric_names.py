@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlbench.glossary import ALL, BY_NAME, logged_by, readme_with_glossary
+from rlbench.glossary import ALL, BY_NAME, logged_by, readme_with_glossary, table_name
 from rlbench.run import train
 from tasks.arithmetic import Arithmetic
 
@@ -18,10 +18,11 @@ EVENTS = {"train/collapse_step"}
 
 
 def logged_names(output_dir: Path) -> set[str]:
+    """The table names (``table_name``: ``eval/pass@2`` is ``eval/pass@<j>``) of what a run logged."""
     path = next(output_dir.rglob("metrics.csv"))
     names: set[str] = set()
     for row in csv.DictReader(path.open()):
-        names |= {name for name, value in row.items() if value and name != "step"}
+        names |= {table_name(name) for name, value in row.items() if value and name != "step"}
     return names
 
 
@@ -38,7 +39,7 @@ def test_every_algorithm_logs_the_glossary_names(algorithm: str, make_config, mo
         "algorithm.rloo.group_size=4",
         "algorithm.dpo.num_prompts=32",
         "reward_noise.flip_prob=0.2",
-        "eval.samples=2",
+        "eval.samples=4",  # pass@1, pass@2 (the eval/pass@<j> family), pass@k
         "eval.num_prompts=4",
         "logging.mlflow=false",
     )
@@ -56,3 +57,9 @@ def test_the_readme_glossary_is_generated_from_the_table():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert readme_with_glossary(readme) == readme, "run: python -m rlbench.glossary"
     assert all(f"`{name}`" in readme for name in BY_NAME)
+
+
+def test_a_family_entry_stands_for_its_numbered_names():
+    assert table_name("eval/pass@2") == table_name("eval/pass@16") == "eval/pass@<j>"
+    assert (table_name("eval/pass@1"), table_name("eval/pass@k")) == ("eval/pass@1", "eval/pass@k")
+    assert table_name("eval/pass@x") == "eval/pass@x"  # not a number: not in the table

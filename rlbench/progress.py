@@ -1,0 +1,89 @@
+"""The matrix's progress line: cells done / running / left, time elapsed, time left.
+
+``rlbench compare`` runs each cell as a ``rlbench train`` process and hands it the matrix's
+state at launch in the ``RLBENCH_MATRIX_STATUS`` environment variable; the run shows the line
+in its own progress bar and keeps the times ticking from its own progress, so the line is live
+while the run's bar moves. Between runs ``compare`` prints the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ENV = "RLBENCH_MATRIX_STATUS"
+
+
+@dataclass
+class MatrixStatus:
+    cell: str
+    done: int
+    failed: int
+    running: int
+    left: int
+    """Cells not started yet (this one excluded)."""
+    started: float
+    """``time.time()`` when this invocation of the matrix started."""
+    cell_s: float | None
+    """Mean wall time of the cells finished so far (None before the first)."""
+    workers: int = 1
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> MatrixStatus | None:
+        raw = os.environ.get(ENV)
+        return cls(**json.loads(raw)) if raw else None
+
+    def line(self, fraction: float | None = None, cell_elapsed: float | None = None) -> str:
+        """``matrix: 3 done, 1 running, 4 left | 4m12s elapsed, ~9m left``. With the running
+        cell's ``fraction`` done after ``cell_elapsed`` seconds, its own time left counts too."""
+        now = time.time()
+        this_left = None
+        if fraction and cell_elapsed is not None and fraction > 0:
+            this_left = cell_elapsed * (1 - fraction) / fraction
+        per_cell = self.cell_s
+        if per_cell is None and this_left is not None and cell_elapsed is not None:
+            per_cell = this_left + cell_elapsed
+        eta = None
+        if per_cell is not None:
+            eta = self.left * per_cell / max(1, self.workers) + (this_left or 0.0)
+        failed = f", {self.failed} failed" if self.failed else ""
+        left = f", ~{clock(eta)} left" if eta is not None else ""
+        return (
+            f"matrix: {self.done} done{failed}, {self.running} running, {self.left} left | "
+            f"{clock(now - self.started)} elapsed{left}"
+        )
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3700`` -> ``1h01m``."""
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def matrix_progress_callback(status: MatrixStatus, max_steps: int) -> Any:
+    """A Lightning callback that writes the matrix line into the run's progress bar."""
+    from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+    class MatrixProgress(Callback):
+        def __init__(self) -> None:
+            self.started = time.time()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            bar = trainer.progress_bar_callback
+            if not isinstance(bar, TQDMProgressBar) or bar._train_progress_bar is None:
+                return
+            fraction = getattr(pl_module, "rollout_step", 0) / max(1, max_steps)
+            line = status.line(fraction, time.time() - self.started)
+            bar.train_progress_bar.set_description(f"{status.cell} | {line}", refresh=False)
+
+    return MatrixProgress()

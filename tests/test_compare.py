@@ -1,0 +1,256 @@
+"""The comparison matrix, its cell store and its report's statistics (no training here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlbench.cellstore import DONE, FAILED, MAX_ATTEMPTS, PENDING, RUNNING, CellStore
+from rlbench.cli import main
+from rlbench.matrix import Cell, MatrixError, load_matrix, parse_matrix
+from rlbench.records import DONE as RECORD_DONE
+from rlbench.records import FAILED as RECORD_FAILED
+from rlbench.records import Experiment, RunRecord
+from rlbench.report import Report, Table, cost_to_reach, tables_markdown, to_html, to_markdown
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def write_matrix(tmp_path: Path, **fields: object) -> Path:
+    data = {
+        "name": "m",
+        "base": str(CONFIGS / "grpo_addition.yaml"),
+        "output_dir": str(tmp_path / "out"),
+        "algorithms": ["grpo", "ppo"],
+        "seeds": [0, 1],
+        **fields,
+    }
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------ the matrix
+
+
+def test_cells_cross_every_axis_and_share_one_warm_start(tmp_path):
+    path = write_matrix(
+        tmp_path,
+        tasks={"add2": {"name": "arithmetic", "digits": 2}, "sort": {"name": "sort"}},
+        reward_noise={"flip_prob": [0.0, 0.2]},
+        budget={"samples": 5000},
+        set={"trainer.max_steps": 7},
+    )
+    matrix = load_matrix(path)
+    cells = matrix.cells()
+    assert len(cells) == 2 * 2 * 2 * 2  # tasks x noise levels x algorithms x seeds
+    assert cells[0] == Cell("add2", "grpo", 0, 0.0)
+    config = matrix.cell_config(Cell("sort", "ppo", 1, 0.2))
+    assert (config.task.name, config.algorithm.name, config.seed) == ("sort", "ppo", 1)
+    assert config.warmstart_seed == 0  # every seed starts from the same weights
+    assert config.reward_noise.flip_prob == 0.2
+    assert config.budget.samples == 5000
+    assert config.trainer.max_steps == 7
+    assert config.output_dir == str(tmp_path / "out" / "runs" / "sort-ppo-s1-flip_prob0.2")
+    assert config.logging.experiment == "m"
+    assert config.logging.tags["rlbench.cell"] == "sort-ppo-s1-flip_prob0.2"
+    assert config.logging.tags["rlbench.cell.noise"] == "flip_prob=0.2"
+
+
+def test_warmstart_seed_null_gives_each_seed_its_own(tmp_path):
+    matrix = load_matrix(write_matrix(tmp_path, warmstart_seed=None))
+    assert matrix.cell_config(Cell("arithmetic", "grpo", 1)).warmstart_seed == 1
+
+
+def test_the_written_matrix_reads_back_to_the_same_cells(tmp_path):
+    matrix = load_matrix(write_matrix(tmp_path, reward_noise={"gaussian_std": [0.0, 0.5]}))
+    again = parse_matrix(yaml.safe_load(matrix.dump()), tmp_path / "copy.yaml")
+    assert again.cells() == matrix.cells()
+    cell = matrix.cells()[-1]
+    assert again.cell_config(cell) == matrix.cell_config(cell)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"algorithms": ["grpo", "ppq"]}, "algorithms='ppq' is invalid: unknown algorithm 'ppq'"),
+        ({"tasks": {"t": {"name": "additon"}}}, "tasks.t.name='additon' is invalid: unknown task"),
+        ({"reward_noise": {"flip": [0.1]}}, "one field, flip_prob or gaussian_std"),
+        (
+            {"reward_noise": {"flip_prob": [0.0, 1.5]}},
+            "cell arithmetic-grpo-s0-flip_prob1.5: reward_noise.flip_prob=1.5",
+        ),
+        (
+            {"set": {"algorithm.ppo.gamma": 2.0}},
+            "cell arithmetic-grpo-s0: algorithm.ppo.gamma=2.0 is invalid: a number in [0, 1]",
+        ),
+        (
+            {"set": {"trainer.max_stepz": 3}},
+            "cell arithmetic-grpo-s0: trainer.max_stepz=3 is invalid: unknown field",
+        ),
+        ({"seeds": [0, 0]}, "each value once (0 repeated)"),
+        ({"seedz": [0]}, "seedz=[0] is invalid: not a matrix key; the keys are name, base"),
+        ({"tasks": {"w": {"name": "jsonl", "path": "/no/such.jsonl"}}}, "cell w-grpo-s0: task.path"),
+        ({"set": {"seed": 3}}, "set.seed=3 is invalid: set by the matrix's own axes"),
+    ],
+)
+def test_a_bad_matrix_names_the_cell_and_the_field(tmp_path, fields, expected):
+    with pytest.raises(MatrixError) as err:
+        load_matrix(write_matrix(tmp_path, **fields))
+    assert expected in str(err.value)
+
+
+def test_cli_refuses_a_bad_matrix_before_any_run_starts(tmp_path, capsys):
+    path = write_matrix(tmp_path, algorithms=["grpo", "nope"])
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rlbench compare: error:" in err and "unknown algorithm 'nope'" in err and "grpo" in err
+    assert not (tmp_path / "out").exists()  # nothing written, nothing run
+
+
+# ------------------------------------------------------------------ the cell store
+
+
+def test_each_cell_is_claimed_once_by_racing_workers(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cells.db'}"
+    names = [f"c{i}" for i in range(6)]
+    CellStore(url, "m").create(names)
+    first, second = CellStore(url, "m"), CellStore(url, "m")
+    claimed = []
+    for i in range(6):  # two workers taking turns
+        store, worker = (first, f"{os.uname().nodename}:{os.getpid()}") if i % 2 else (second, "far:1")
+        claimed.append(store.claim(names, worker))
+    assert sorted(claimed) == names
+    assert first.claim(names, "far:2") is None
+    assert first.counts(names) == {PENDING: 0, RUNNING: 6, DONE: 0, FAILED: 0}
+
+
+def test_a_cell_whose_worker_died_is_claimed_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cells.db'}"
+    store = CellStore(url, "m")
+    store.create(["a", "b"])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = os.uname().nodename
+    assert store.claim(["a", "b"], f"{host}:{int(dead.stdout)}") == "a"  # that process has exited
+    assert store.claim(["a", "b"], "elsewhere:7") == "a"  # same machine, process gone: taken over
+    assert store.claim(["a", "b"], "elsewhere:8") == "b"
+    assert store.claim(["a", "b"], "elsewhere:9") is None  # alive (fresh heartbeats), elsewhere
+    store.finish("a", "elsewhere:7", DONE, wall_s=3.0)
+    store.release("b", "elsewhere:8")
+    rows = {r.cell: r for r in store.rows()}
+    assert (rows["a"].state, rows["a"].wall_s, rows["b"].state) == (DONE, 3.0, PENDING)
+    assert rows["b"].attempts == 0  # an interruption is not an attempt
+
+
+def test_a_cell_that_kills_its_worker_every_time_is_failed_not_retried_forever(tmp_path):
+    store = CellStore(f"sqlite:///{tmp_path / 'cells.db'}", "m")
+    store.create(["a"])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = f"{os.uname().nodename}:{int(dead.stdout)}"
+    for _ in range(MAX_ATTEMPTS):
+        assert store.claim(["a"], gone) == "a"
+    assert store.claim(["a"], gone) is None
+    (row,) = store.rows()
+    assert row.state == FAILED and f"died {MAX_ATTEMPTS} times" in row.cause
+    assert store.claim(["a"], "w:1", retry_failed=True) == "a"
+
+
+# ------------------------------------------------------------------ the report's figures
+
+
+def record(cell: Cell, final: float, start: float = 0.2, **extra: list[tuple[int, float]]) -> RunRecord:
+    """A finished run: eval accuracy ``start`` at step 0, 0.5 at step 10, ``final`` at step 20,
+    and 100 samples, 1000 tokens and 10 s per step."""
+    metrics = {
+        "eval/accuracy": [(0, start), (10, 0.5), (20, final)],
+        "cost/samples": [(s, 100.0 * (s + 1)) for s in range(20)],
+        "cost/tokens_generated": [(s, 1000.0 * (s + 1)) for s in range(20)],
+        "cost/wall_s": [(s, 10.0 * (s + 1)) for s in range(20)],
+        **extra,
+    }
+    return RunRecord(cell.id, cell.task, cell.algorithm, cell.seed, None, RECORD_DONE, metrics=metrics)
+
+
+def experiment(tmp_path: Path, records: list[RunRecord], **fields: object) -> Experiment:
+    data = yaml.safe_load(write_matrix(tmp_path, **fields).read_text())
+    return Experiment(parse_matrix(data, tmp_path / "matrix.yaml"), records, "test")
+
+
+def test_cost_to_reach_reads_the_cost_spent_before_each_eval():
+    run = record(Cell("t", "grpo", 0), final=0.8)
+    assert cost_to_reach(run, "cost/samples", 0.5) == 1000.0  # eval at step 10: 10 steps of 100
+    assert cost_to_reach(run, "cost/wall_s", 0.8) == 200.0
+    assert cost_to_reach(run, "cost/samples", 0.1) == 0.0  # the warm start already reaches it
+    assert cost_to_reach(run, "cost/samples", 0.9) is None
+
+
+def test_summary_table_against_hand_computed_figures(tmp_path):
+    kl = {"train/kl": [(19, 0.02)], "train/grad_norm_spikes": [(19, 3.0)]}
+    records = [
+        record(Cell("arithmetic", "grpo", 0), 0.5, **kl),
+        record(Cell("arithmetic", "grpo", 1), 0.7, **{"train/collapse_step": [(12, 12.0)]}),
+        record(Cell("arithmetic", "ppo", 0), 0.4),
+        RunRecord(
+            "arithmetic-ppo-s1", "arithmetic", "ppo", 1, None, RECORD_FAILED, cause="NaN loss at step 3"
+        ),
+    ]
+    report = Report(experiment(tmp_path, records, threshold=0.55), plots_dir=None)
+    table = report.summary_table("arithmetic", None, 0.55)
+    grpo, ppo = table.rows
+    # mean of 0.5 and 0.7; with two seeds the bootstrap means are 0.5, 0.6, 0.7 with chances
+    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 0.5 and 0.7; the IQM of two is the mean
+    assert grpo[:4] == ["grpo", "2/2", "0.600 [0.500, 0.700]", "0.600"]
+    # only seed 1 reaches 0.55, at its final eval (step 20): 20 steps of 100 samples
+    assert grpo[4:7] == ["2.0k (1/2)", "20.0k (1/2)", "200 (1/2)"]
+    assert grpo[7:] == ["1/2 (step 12)", "1.5", "0.0200"]
+    assert ppo[:4] == ["ppo", "1/2", "0.400 [0.400, 0.400]", "0.400"]
+    assert ppo[4] == "never"
+    improvement = report.improvement_table("arithmetic", None)
+    # P(grpo > ppo): 0.5 > 0.4 and 0.7 > 0.4, 2 of 2 pairs; P(ppo > grpo) = 0
+    assert improvement.rows == [["grpo", "-", "1.00 [1.00, 1.00]"], ["ppo", "0.00 [0.00, 0.00]", "-"]]
+    failures = report.failures()
+    assert failures.rows == [["arithmetic-ppo-s1", "failed", "NaN loss at step 3"]]
+
+
+def test_probability_of_improvement_with_ties_and_its_interval(tmp_path):
+    records = [record(Cell("arithmetic", "grpo", s), v) for s, v in enumerate([0.5, 0.7])]
+    records += [record(Cell("arithmetic", "ppo", s), v) for s, v in enumerate([0.4, 0.6])]
+    table = Report(experiment(tmp_path, records), plots_dir=None).improvement_table("arithmetic", None)
+    # pairs (0.5,0.4) (0.5,0.6) (0.7,0.4) (0.7,0.6): 3 of 4 won
+    assert table.rows[0][2].startswith("0.75 [")
+    assert table.rows[1][1].startswith("0.25 [")
+
+
+def test_default_threshold_is_halfway_from_the_warm_start_to_the_best_mean(tmp_path):
+    records = [record(Cell("arithmetic", "grpo", s), v, start=0.2) for s, v in enumerate([0.6, 0.8])]
+    records.append(record(Cell("arithmetic", "ppo", 0), 0.3, start=0.2))
+    threshold, how = Report(experiment(tmp_path, records), plots_dir=None).threshold("arithmetic")
+    assert threshold == 0.45  # 0.2 + (0.7 - 0.2) / 2
+    assert "halfway" in how
+
+
+def test_report_states_seeds_budget_ci_method_warm_start_and_commit(tmp_path):
+    run = record(Cell("arithmetic", "grpo", 0), 0.6)
+    run.info = {"commit": "abc123", "warmstart_seed": "0", "stopped_by": "budget.samples=1000"}
+    text = tables_markdown(experiment(tmp_path, [run], budget={"samples": 1000}))
+    assert "Seeds: 0, 1." in text
+    assert "Budget: budget.samples=1000 (1 runs ended by it)." in text
+    assert "95% percentile bootstrap over seeds (10,000 resamples" in text
+    assert "one warm start (warmstart.seed=0) shared by every run" in text
+    assert "Code commit: abc123." in text
+
+
+def test_markdown_and_html_hold_the_same_table():
+    table = Table(["algorithm", "P <x>"], [["grpo", "0.50 [0.1, 0.9]"]])
+    assert to_markdown([table]) == "| algorithm | P <x> |\n| --- | --- |\n| grpo | 0.50 [0.1, 0.9] |\n"
+    page = to_html([table], "t")
+    assert "<th>P &lt;x&gt;</th>" in page and "<td>0.50 [0.1, 0.9]</td>" in page
