@@ -64,6 +64,7 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
         "postgresql://...); default: cells.db in the matrix's output_dir",
     )
     compare.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
+    compare.add_argument("--output-dir", metavar="DIR", help="instead of the matrix's output_dir")
     compare.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     compare.add_argument("--no-progress", action="store_true", help="hide the runs' progress bars")
     compare.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
@@ -131,9 +132,9 @@ def run_command(args: argparse.Namespace) -> int:
         from rlbench.compare import compare, worker_main
 
         if args.worker:
-            return worker_main(args.matrix, args.storage, args.retry_failed)
+            return worker_main(args.matrix, args.output_dir, args.storage, args.retry_failed)
         progress = False if args.no_progress else None
-        return compare(args.matrix, args.storage, args.workers, args.retry_failed, progress)
+        return compare(args.matrix, args.output_dir, args.storage, args.workers, args.retry_failed, progress)
     if args.command == "report":
         from rlbench.report import write_report
 

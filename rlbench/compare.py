@@ -37,6 +37,7 @@ def default_storage(matrix: Matrix) -> str:
 
 def compare(
     path: str | Path,
+    output_dir: str | Path | None = None,
     storage: str | None = None,
     workers: int = 1,
     retry_failed: bool = False,
@@ -48,7 +49,7 @@ def compare(
     on other workers (run ``rlbench report`` when they finish)."""
     if workers < 1:
         raise RLBenchError(f"--workers={workers} is invalid: at least 1")
-    matrix = load_matrix(path)
+    matrix = load_matrix(path, output_dir)
     prepare(matrix)
     url = storage or default_storage(matrix)
     store = CellStore(url, matrix.name)
@@ -67,7 +68,7 @@ def compare(
         bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         work(matrix, store, retry_failed, started, workers=1, progress_bar=bar)
     else:
-        spawn_workers(path, url, workers, retry_failed)
+        spawn_workers(path, matrix.output_dir, url, workers, retry_failed)
     rows = store.rows(names)
     store.dispose()
     failed = [r for r in rows if r.state == FAILED]
@@ -107,7 +108,11 @@ def prepare(matrix: Matrix) -> None:
         (out / CONFIGS_DIR / f"{matrix.cell_name(cell)}.yaml").write_text(dump_yaml(matrix.cell_config(cell)))
     first = matrix.cell_config(matrix.cells()[0])
     if first.logging.mlflow:
+        import logging
+
         import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its schema set-up chatter
 
         client = mlflow.MlflowClient(matrix.tracking_uri())
         experiment = client.get_experiment_by_name(matrix.name)
@@ -129,12 +134,17 @@ def _plain(config: Any) -> Any:
     return yaml.safe_load(dump_yaml(config))
 
 
-def spawn_workers(path: str | Path, url: str, workers: int, retry_failed: bool) -> None:
+def spawn_workers(path: str | Path, output_dir: Path, url: str, workers: int, retry_failed: bool) -> None:
     """Starts ``workers`` worker processes on the same store and waits for them all."""
-    command = [sys.executable, "-m", "rlbench.cli", "compare", str(path), "--storage", url, "--worker"]
+    command = [sys.executable, "-m", "rlbench.cli", "compare", str(path), "--worker"]
+    command += ["--output-dir", str(output_dir), "--storage", url]
     if retry_failed:
         command.append("--retry-failed")
-    procs = [subprocess.Popen(command, start_new_session=False) for _ in range(workers)]
+    env = dict(os.environ)
+    # K runs side by side, each with as many threads as cores, oversubscribe the CPU and can run
+    # several times slower than one after another: share the cores (unless told otherwise)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    procs = [subprocess.Popen(command, env=env) for _ in range(workers)]
     try:
         for proc in procs:
             proc.wait()
@@ -279,9 +289,11 @@ def mark_failed_in_mlflow(matrix: Matrix, run_dir: Path, cause: str) -> None:
     client.set_terminated(run_id, "FAILED")
 
 
-def worker_main(path: str | Path, storage: str | None, retry_failed: bool) -> int:
-    """One worker of ``--workers K`` (or one of many machines' workers): runs cells, no report."""
-    matrix = load_matrix(path)
+def worker_main(
+    path: str | Path, output_dir: str | Path | None, storage: str | None, retry_failed: bool
+) -> int:
+    """One worker of ``--workers K``: runs cells, no report (the command that started it writes it)."""
+    matrix = load_matrix(path, output_dir)
     store = CellStore(storage or default_storage(matrix), matrix.name)
     try:
         work(matrix, store, retry_failed, time.time(), workers=1, progress_bar=False)

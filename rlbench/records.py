@@ -150,6 +150,8 @@ def from_mlflow(experiment: str, tracking_uri: str) -> Experiment:
     """The records of the matrix logged to MLflow experiment ``experiment``, from MLflow alone."""
     from mlflow import MlflowClient
 
+    from rlbench.tracking import metric_name
+
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -185,7 +187,7 @@ def from_mlflow(experiment: str, tracking_uri: str) -> Experiment:
         run = by_cell.get(name)
         if run is not None:
             rows = [
-                (key, m.step, m.value)
+                (metric_name(key), m.step, m.value)
                 for key in run.data.metrics
                 for m in client.get_metric_history(run.info.run_id, key)
             ]

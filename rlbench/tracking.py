@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ def mlflow_tracking_uri(config: RunConfig) -> str:
 
 
 def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
-    from lightning.pytorch.loggers import MLFlowLogger
 
     out = Path(config.output_dir)
     # flushed every step, so a killed run loses no row that a resume would not write again
@@ -41,7 +41,7 @@ def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
     if config.logging.mlflow:
         run_id_file = out / MLFLOW_RUN_ID_FILE
         run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-        mlflow_logger = MLFlowLogger(
+        mlflow_logger = mlflow_logger_class()(
             experiment_name=config.logging.experiment,
             run_name=config.logging.run_name or out.resolve().name,
             tracking_uri=mlflow_tracking_uri(config),
@@ -52,6 +52,32 @@ def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
     if config.logging.wandb:
         loggers.append(wandb_logger(config, resume))
     return loggers
+
+
+#: MLflow refuses ``@`` in metric names (Lightning would silently drop it: ``eval/pass@k`` ->
+#: ``eval/passk``); rlbench writes it as ``_at_`` there, which ``metric_name`` reverses.
+MLFLOW_AT = "_at_"
+
+
+def mlflow_metric_key(name: str) -> str:
+    """``eval/pass@4`` -> ``eval/pass_at_4``: a metric's name in MLflow."""
+    return name.replace("@", MLFLOW_AT)
+
+
+def metric_name(mlflow_key: str) -> str:
+    """``eval/pass_at_4`` -> ``eval/pass@4``: the metric an MLflow key holds."""
+    return mlflow_key.replace(MLFLOW_AT, "@")
+
+
+def mlflow_logger_class() -> type:
+    """Lightning's MLFlowLogger, writing ``@`` in metric names as ``_at_`` (see ``MLFLOW_AT``)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class RLBenchMLFlowLogger(MLFlowLogger):
+        def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+            super().log_metrics({mlflow_metric_key(k): v for k, v in metrics.items()}, step)
+
+    return RLBenchMLFlowLogger
 
 
 def wandb_offline() -> bool:
@@ -240,7 +266,8 @@ def logged_steps(loggers: list[Any]) -> list[dict[str, int]]:
         elif isinstance(logger, MLFlowLogger) and logger.run_id:
             client = logger.experiment
             for key in client.get_run(logger.run_id).data.metrics:
-                mark[key] = max(m.step for m in client.get_metric_history(logger.run_id, key))
+                steps = client.get_metric_history(logger.run_id, key)
+                mark[metric_name(key)] = max(m.step for m in steps)
         marks.append(mark)
     return marks
 

@@ -177,7 +177,7 @@ def record(cell: Cell, final: float, start: float = 0.2, **extra: list[tuple[int
         "cost/wall_s": [(s, 10.0 * (s + 1)) for s in range(20)],
         **extra,
     }
-    return RunRecord(cell.id, cell.task, cell.algorithm, cell.seed, None, RECORD_DONE, metrics=metrics)
+    return RunRecord(cell.id, cell.task, cell.algorithm, cell.seed, cell.noise, RECORD_DONE, metrics=metrics)
 
 
 def experiment(tmp_path: Path, records: list[RunRecord], **fields: object) -> Experiment:
@@ -254,3 +254,20 @@ def test_markdown_and_html_hold_the_same_table():
     assert to_markdown([table]) == "| algorithm | P <x> |\n| --- | --- |\n| grpo | 0.50 [0.1, 0.9] |\n"
     page = to_html([table], "t")
     assert "<th>P &lt;x&gt;</th>" in page and "<td>0.50 [0.1, 0.9]</td>" in page
+
+
+def test_noise_matrix_report_draws_the_robustness_chart(tmp_path):
+    records = []
+    for level, accuracies in ((0.0, (0.7, 0.8)), (0.2, (0.5, 0.6))):
+        for seed, final in enumerate(accuracies):
+            run = record(Cell("arithmetic", "grpo", seed, level), final)
+            run.cell = f"{run.cell}-flip_prob{level:g}"
+            records.append(run)
+    exp = experiment(tmp_path, records, algorithms=["grpo"], reward_noise={"flip_prob": [0.0, 0.2]})
+    report = Report(exp, plots_dir=tmp_path / "plots")
+    images = [b.path for b in report.blocks() if hasattr(b, "caption")]
+    assert "plots/arithmetic-robustness.png" in images
+    assert "plots/arithmetic-flip_prob0.2-curves-step.png" in images
+    assert (tmp_path / "plots" / "arithmetic-robustness.png").stat().st_size > 10_000
+    text = to_markdown(report.blocks())
+    assert "### reward_noise.flip_prob = 0.2" in text and "| grpo | 2/2 | 0.550 [0.500, 0.600] |" in text

@@ -134,6 +134,10 @@ def test_matrix_logs_to_a_real_mlflow_server_and_the_report_rebuilds_from_it(tmp
         )
         == 0
     )
+    records = from_mlflow("m", mlflow_server).records
+    # MLflow refuses '@' in metric names: written as _at_, read back under the logged name
+    assert [s for s, _ in records[0].curve("eval/pass@2")] == [0, 2, 4]
+    assert records[0].curve("eval/pass@k") and "eval/pass_at_k" not in records[0].metrics
     from_server = tables_markdown(from_mlflow("m", mlflow_server))
     assert from_server == tables_markdown(from_directory(out))
     assert "| grpo | 2/2 |" in from_server and "| rloo | 2/2 |" in from_server
