@@ -52,10 +52,27 @@ def cost_before(record: RunRecord, metric: str, step: int, inclusive: bool) -> f
     return value
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (fewer at the start)."""
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.maximum(0, np.arange(1, len(values) + 1) - window)]) / counts
+
+
+def window_for(points: int) -> int:
+    """Per-step training metrics are noisy: average over about 1/30 of the run."""
+    return max(1, points // 30)
+
+
 def xy(record: RunRecord, metric: str, cost: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """A record's curve of ``metric`` against the step or the cumulative ``cost``."""
+    """A record's curve of ``metric`` against the step or the cumulative ``cost``; per-step
+    training metrics smoothed (``window_for``), evaluations as they are."""
     points = record.curve(metric)
     ys = np.array([v for _, v in points], dtype=float)
+    if not metric.startswith("eval/"):
+        ys = smooth(ys, window_for(len(ys)))
     if cost is None:
         return np.array([s for s, _ in points], dtype=float), ys
     inclusive = not metric.startswith("eval/")
@@ -102,7 +119,10 @@ def learning_curves(
         panel.set_xlabel(xlabel)
         panel.grid(alpha=0.3)
     axes.flat[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"{title}: mean over seeds, band from lowest to highest seed")
+    fig.suptitle(
+        f"{title}: mean over seeds, band from lowest to highest seed "
+        f"(training metrics: moving average over 1/30 of the run)"
+    )
     return _save(fig, plt, path)
 
 
@@ -114,6 +134,8 @@ def robustness(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for colour, (algorithm, points) in enumerate(by_algorithm.items()):
+        if not points:
+            continue
         level, mean, low, high = (np.array(column) for column in zip(*points))
         ax.errorbar(
             level,
@@ -136,10 +158,17 @@ def pass_at_k(curves: dict[str, tuple[list[int], list[float]]], title: str, path
     """pass@k against k (log scale) per algorithm at the final eval, and for the warm start."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for colour, (name, (ks, values)) in enumerate(curves.items()):
-        style = {"linestyle": "--", "color": "black"} if name == "warm start" else {"color": f"C{colour}"}
-        ax.plot(ks, values, marker="o", label=name, **style)
+    colour = 0  # the algorithms' colours of the other plots; the warm start in black
+    for name, (ks, values) in curves.items():
+        if name == "warm start":
+            ax.plot(ks, values, marker="o", label=name, linestyle="--", color="black")
+        else:
+            if ks:  # an algorithm without a finished run keeps its colour, draws nothing
+                ax.plot(ks, values, marker="o", label=name, color=f"C{colour}")
+            colour += 1
     ax.set_xscale("log", base=2)
+    ks = curves["warm start"][0]
+    ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k (samples per prompt)")
     ax.set_ylabel("pass@k (unbiased estimate)")
     ax.set_title(f"{title}: pass@k, mean over seeds")

@@ -50,8 +50,8 @@ class MatrixStatus:
         if per_cell is None and this_left is not None and cell_elapsed is not None:
             per_cell = this_left + cell_elapsed
         eta = None
-        if per_cell is not None:
-            eta = self.left * per_cell / max(1, self.workers) + (this_left or 0.0)
+        if per_cell is not None:  # before this cell has made progress, it counts as a whole one
+            eta = self.left * per_cell / max(1, self.workers) + (per_cell if this_left is None else this_left)
         failed = f", {self.failed} failed" if self.failed else ""
         left = f", ~{clock(eta)} left" if eta is not None else ""
         return (

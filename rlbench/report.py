@@ -258,6 +258,12 @@ class Report:
             f"(how many did, in brackets), read at the eval steps.",
             f"Code commit: {', '.join(commits) or 'unknown'}.",
         ]
+        if len(m.seeds) < 5:
+            lines.append(
+                f"With {len(m.seeds)} seeds per algorithm these intervals are crude (a bootstrap "
+                f"interval cannot leave the range of the seeds' scores): read them as a lower "
+                f"bound on the uncertainty, and add seeds before drawing a conclusion."
+            )
         return [Heading(1, f"Comparison: {m.name}"), *[Text(t) for t in lines]]
 
     def blocks(self) -> list[Block]:
@@ -289,9 +295,9 @@ class Report:
             return []
         out: list[Block] = [Heading(3, "Plots")]
         for noise in self.levels():
+            # every algorithm, those without a finished run too: each keeps its colour in every plot
             groups = {a: self.runs(task, noise, a) for a in self.matrix.algorithms}
-            groups = {a: r for a, r in groups.items() if r}
-            if not groups:
+            if not any(groups.values()):
                 continue
             suffix = "" if noise is None else f"-{self.matrix.noise_field}{noise:g}"
             label = task if noise is None else f"{task}, {self.matrix.noise_field}={noise:g}"
@@ -314,9 +320,8 @@ class Report:
                 if scores:
                     s = stats.summarize(scores, CONFIDENCE, CI_SEED, RESAMPLES)
                     points.append((noise, s.mean, s.ci_low, s.ci_high))
-            if points:
-                lines[algorithm] = points
-        if not lines:
+            lines[algorithm] = points
+        if not any(lines.values()):
             return []
         name = f"{task}-robustness.png"
         plots.robustness(lines, self.matrix.noise_field, task, self.plots_dir / name)
@@ -346,8 +351,7 @@ class Report:
         curves: dict[str, tuple[list[int], list[float]]] = {"warm start": (js, curve(runs, at_start=True))}
         for algorithm in self.matrix.algorithms:
             mine = [r for r in runs if r.algorithm == algorithm]
-            if mine:
-                curves[algorithm] = (js, curve(mine, at_start=False))
+            curves[algorithm] = (js, curve(mine, at_start=False)) if mine else ([], [])
         name = f"{task}-pass_at_k.png"
         plots.pass_at_k(curves, task, self.plots_dir / name)
         return [Image(f"plots/{name}", f"{task}: pass@k vs k at the final eval, and for the warm start")]
