@@ -98,7 +98,22 @@ class CellStore:
         once races) and adds the cells it does not hold yet, as pending."""
         import sqlalchemy as sa
 
-        self._meta.create_all(self.engine)
+        for attempt in range(3):  # workers on other machines may be creating it this moment
+            try:
+                self._meta.create_all(self.engine)
+                break
+            except sa.exc.DBAPIError:
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
+        try:
+            self._add(cells)
+        except sa.exc.IntegrityError:  # another worker added them first
+            pass
+
+    def _add(self, cells: list[str]) -> None:
+        import sqlalchemy as sa
+
         with self.engine.begin() as conn:
             known = {row.cell for row in conn.execute(sa.select(self.table.c.cell).where(self._mine()))}
             new = [

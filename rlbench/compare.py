@@ -116,7 +116,13 @@ def prepare(matrix: Matrix) -> None:
 
         client = mlflow.MlflowClient(matrix.tracking_uri())
         experiment = client.get_experiment_by_name(matrix.name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(matrix.name)
+        if experiment is None:
+            try:
+                client.create_experiment(matrix.name)
+            except mlflow.exceptions.MlflowException:  # created by a worker on another machine
+                pass
+            experiment = client.get_experiment_by_name(matrix.name)
+        experiment_id = experiment.experiment_id
         client.set_experiment_tag(experiment_id, "rlbench.matrix", json.dumps(matrix_tag(matrix)))
 
 
@@ -202,7 +208,10 @@ def work(
         else:
             cause = failure_cause(run_dir, code, log)
             store.finish(name, worker, FAILED, cause=cause, wall_s=wall)
-            mark_failed_in_mlflow(matrix, run_dir, cause)
+            try:
+                mark_failed_in_mlflow(matrix, run_dir, cause)
+            except Exception as err:  # noqa: BLE001 - the store has it; the matrix goes on
+                print(f"  {name}: could not mark its MLflow run failed ({err})", file=sys.stderr)
             print(f"  {name}: FAILED ({cause}); the matrix goes on", file=sys.stderr, flush=True)
 
 

@@ -149,6 +149,8 @@ class Matrix:
         }
         if self.noise_field is not None:
             values[f"reward_noise.{self.noise_field}"] = cell.noise
+        if "logging.wandb_group" not in self.settings:  # with logging.wandb: one W&B group per matrix
+            values["logging.wandb_group"] = self.name
         try:
             for key, value in values.items():
                 set_dotted(data, key, value)

@@ -57,7 +57,7 @@ def test_cells_cross_every_axis_and_share_one_warm_start(tmp_path):
     assert config.budget.samples == 5000
     assert config.trainer.max_steps == 7
     assert config.output_dir == str(tmp_path / "out" / "runs" / "sort-ppo-s1-flip_prob0.2")
-    assert config.logging.experiment == "m"
+    assert config.logging.experiment == "m" and config.logging.wandb_group == "m"
     assert config.logging.tags["rlbench.cell"] == "sort-ppo-s1-flip_prob0.2"
     assert config.logging.tags["rlbench.cell.noise"] == "flip_prob=0.2"
 
@@ -271,3 +271,18 @@ def test_noise_matrix_report_draws_the_robustness_chart(tmp_path):
     assert (tmp_path / "plots" / "arithmetic-robustness.png").stat().st_size > 10_000
     text = to_markdown(report.blocks())
     assert "### reward_noise.flip_prob = 0.2" in text and "| grpo | 2/2 | 0.550 [0.500, 0.600] |" in text
+
+
+def test_progress_line_counts_cells_and_estimates_the_time_left(monkeypatch):
+    from rlbench.progress import ENV, MatrixStatus, clock
+
+    status = MatrixStatus("c", done=2, failed=1, running=1, left=4, started=1000.0, cell_s=60.0, workers=2)
+    monkeypatch.setattr("time.time", lambda: 1000.0 + 125)
+    # before the running cell moves: 4 cells left at 60 s on 2 workers, plus this whole cell
+    assert status.line() == "matrix: 2 done, 1 failed, 1 running, 4 left | 2m05s elapsed, ~3m00s left"
+    # a quarter done after 20 s: 60 s more for it
+    assert status.line(0.25, 20.0).endswith("~3m00s left")
+    assert status.line(0.5, 20.0).endswith("~2m20s left")
+    monkeypatch.setenv(ENV, status.to_env())
+    assert MatrixStatus.from_env() == status
+    assert (clock(59), clock(75), clock(3700)) == ("59s", "1m15s", "1h01m")
