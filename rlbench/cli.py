@@ -1,4 +1,4 @@
-"""Command line: ``rlbench train | warmstart | compare | report | list | config``.
+"""Command line: ``rlbench train | warmstart | compare | report | sweep | list | config``.
 
 Every user error (bad config value, unknown name, missing file) prints one line naming the
 problem and exits with status 2, without a traceback.
@@ -68,6 +68,24 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
     compare.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     compare.add_argument("--no-progress", action="store_true", help="hide the runs' progress bars")
     compare.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
+    sweep = sub.add_parser(
+        "sweep",
+        help="an Optuna search over a run config's settings (resumable; many workers)",
+        description="Runs trials until the study holds N finished (complete or pruned) ones: the "
+        "same command again resumes. Then prints the best trial, writes best.yaml (a ready-to-run "
+        "config), trials.csv and Optuna's plots (HTML and PNG) into the sweep's output_dir.",
+    )
+    sweep.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
+    sweep.add_argument("--n-trials", type=int, metavar="N", help="finished trials the study should hold")
+    sweep.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna RDB storage (sqlite:///..., postgresql://...); default: study.db in the output_dir",
+    )
+    sweep.add_argument("--study-name", metavar="NAME", help="default: the sweep's name")
+    sweep.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
+    sweep.add_argument("--output-dir", metavar="DIR", help="instead of the sweep's output_dir")
+    sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
     report = sub.add_parser(
         "report",
         help="(re)build a matrix's report from its logged metrics",
@@ -135,6 +153,15 @@ def run_command(args: argparse.Namespace) -> int:
             return worker_main(args.matrix, args.output_dir, args.storage, args.retry_failed)
         progress = False if args.no_progress else None
         return compare(args.matrix, args.output_dir, args.storage, args.workers, args.retry_failed, progress)
+    if args.command == "sweep":
+        from rlbench.sweep import load_sweep, sweep, work
+
+        if args.n_trials is not None and args.n_trials < 1:
+            raise RLBenchError(f"--n-trials={args.n_trials} is invalid: at least 1")
+        if args.worker:
+            spec = load_sweep(args.sweep, args.output_dir)
+            return work(spec, args.storage, args.study_name, args.n_trials)
+        return sweep(args.sweep, args.n_trials, args.storage, args.study_name, args.workers, args.output_dir)
     if args.command == "report":
         from rlbench.report import write_report
 

@@ -14,6 +14,7 @@ A matrix file (YAML) names a base run config and the axes to cross::
     budget: {samples: 20000}             # optional: compute-matched runs
     threshold: 0.6                       # optional: accuracy for "cost to reach"
     set: {trainer.max_steps: 150}        # dotted overrides for every cell
+    tuned: {grpo: ../runs/sweeps/grpo-addition}   # optional: an algorithm's best sweep parameters
 
 Every cell's config is built and validated when the matrix is loaded, so a bad cell fails
 before any run starts, naming the cell and the field.
@@ -49,6 +50,7 @@ KEYS = (
     "budget",
     "threshold",
     "set",
+    "tuned",
 )
 #: Where a matrix's runs, logs and copy of itself live under its ``output_dir``.
 RUNS_DIR, LOGS_DIR, MATRIX_FILE = "runs", "logs", "matrix.yaml"
@@ -105,6 +107,8 @@ class Matrix:
     budget: dict[str, float] = field(default_factory=dict)
     threshold: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per algorithm, the best parameters of a sweep (``best.json``), set in its cells."""
     source: str = ""
     """Where the matrix came from (its file), for error messages."""
 
@@ -135,8 +139,10 @@ class Matrix:
         """The validated run config of ``cell``; ``MatrixError`` names the cell and the field."""
         data = copy.deepcopy(self.base)
         data["task"] = copy.deepcopy(self.tasks[cell.task])
+        tuned = {k: v for k, v in self.tuned.get(cell.algorithm, {}).items() if k != "algorithm.name"}
         values: dict[str, Any] = {
             **self.settings,
+            **tuned,
             "algorithm.name": cell.algorithm,
             "seed": cell.seed,
             "warmstart.seed": self.warmstart_seed,
@@ -178,6 +184,8 @@ class Matrix:
             out["threshold"] = self.threshold
         if self.settings:
             out["set"] = self.settings
+        if self.tuned:
+            out["tuned"] = self.tuned
         return out
 
     def dump(self) -> str:
@@ -300,6 +308,7 @@ def parse_matrix(data: Mapping[str, Any], path: Path, output_dir: str | Path | N
             raise fail(
                 f"set.{key}", settings[key], "set by the matrix's own axes (algorithms, tasks, seeds, ...)"
             )
+    tuned = _tuned(fail, data.get("tuned") or {}, list(algorithms), path)
     return Matrix(
         name=name,
         output_dir=Path(out),
@@ -313,8 +322,43 @@ def parse_matrix(data: Mapping[str, Any], path: Path, output_dir: str | Path | N
         budget=dict(budget),
         threshold=None if threshold is None else float(threshold),
         settings=dict(settings),
+        tuned=tuned,
         source=where,
     )
+
+
+def _tuned(fail: Any, data: Any, algorithms: list[str], path: Path) -> dict[str, dict[str, Any]]:
+    """``tuned:``: per algorithm, a sweep's output_dir (its ``best.json``) or the parameters inline."""
+    import json
+
+    if not isinstance(data, Mapping):
+        raise fail("tuned", data, "a mapping of algorithm names to sweep output directories")
+    tuned: dict[str, dict[str, Any]] = {}
+    for algorithm, source in data.items():
+        if algorithm not in algorithms:
+            raise fail(
+                f"tuned.{algorithm}", source, f"one of the matrix's algorithms: {', '.join(algorithms)}"
+            )
+        if isinstance(source, Mapping):  # inlined (what output_dir/matrix.yaml holds)
+            tuned[algorithm] = dict(source)
+            continue
+        best = Path(str(source))
+        best = (best if best.is_absolute() else path.parent / best) / "best.json"
+        if not best.is_file():
+            raise fail(
+                f"tuned.{algorithm}",
+                source,
+                f"a sweep's output_dir holding best.json ({best} does not exist: run the sweep first)",
+            )
+        params = json.loads(best.read_text())["params"]
+        if params.get("algorithm.name", algorithm) != algorithm:
+            raise fail(
+                f"tuned.{algorithm}",
+                source,
+                f"a sweep whose best trial ran {algorithm}, not {params['algorithm.name']}",
+            )
+        tuned[algorithm] = params
+    return tuned
 
 
 def _is_number(value: Any) -> bool:

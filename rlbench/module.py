@@ -120,6 +120,7 @@ class RLModule(pl.LightningModule):
         self.automatic_optimization = False
         #: ``(rollout step, accuracy)`` of every evaluation of this process's run.
         self.eval_history: list[tuple[int, float]] = []
+        self.last_eval: tuple[int, dict[str, float]] | None = None
         #: The latest step's metrics (what the loggers received), for callbacks.
         self.last_metrics: dict[str, float] = {}
         #: Per logger, the last step already logged per metric when a killed run resumes:
@@ -479,6 +480,7 @@ class RLModule(pl.LightningModule):
         """
         step = self.rollout_step
         metrics = self.evaluator.metrics(self.policy, step, self.global_rank)
+        self.last_eval = (step, metrics)  # what a sweep's pruner reads
         accuracy = metrics["eval/accuracy"]
         if not self.eval_history or self.eval_history[-1][0] != step:
             self.eval_history.append((step, accuracy))

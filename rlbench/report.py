@@ -258,6 +258,11 @@ class Report:
             f"(how many did, in brackets), read at the eval steps.",
             f"Code commit: {', '.join(commits) or 'unknown'}.",
         ]
+        for algorithm, params in m.tuned.items():
+            settings = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+            )
+            lines.append(f"Tuned: {algorithm} runs with its sweep's best parameters ({settings}).")
         if len(m.seeds) < 5:
             lines.append(
                 f"With {len(m.seeds)} seeds per algorithm these intervals are crude (a bootstrap "

@@ -286,3 +286,29 @@ def test_progress_line_counts_cells_and_estimates_the_time_left(monkeypatch):
     monkeypatch.setenv(ENV, status.to_env())
     assert MatrixStatus.from_env() == status
     assert (clock(59), clock(75), clock(3700)) == ("59s", "1m15s", "1h01m")
+
+
+def test_tuned_rows_take_a_sweeps_best_parameters(tmp_path):
+    import json
+
+    sweep_dir = tmp_path / "sweeps" / "grpo"
+    sweep_dir.mkdir(parents=True)
+    params = {"optim.lr": 5.0e-4, "algorithm.grpo.beta": 0.02}
+    (sweep_dir / "best.json").write_text(json.dumps({"trial": 3, "value": 0.5, "params": params}))
+    matrix = load_matrix(write_matrix(tmp_path, tuned={"grpo": "sweeps/grpo"}))
+    grpo, ppo = (
+        matrix.cell_config(Cell("arithmetic", "grpo", 0)),
+        matrix.cell_config(Cell("arithmetic", "ppo", 0)),
+    )
+    assert (grpo.optim.lr, grpo.algorithm.options.beta) == (5.0e-4, 0.02)
+    assert ppo.optim.lr == 1.0e-4  # the base config's: only grpo was tuned
+    again = parse_matrix(yaml.safe_load(matrix.dump()), tmp_path / "copy.yaml")  # inlined in matrix.yaml
+    assert again.cell_config(Cell("arithmetic", "grpo", 0)) == grpo
+    assert (
+        "Tuned: grpo runs with its sweep's best parameters (optim.lr=0.0005, algorithm.grpo.beta=0.02)."
+        in (tables_markdown(Experiment(matrix, [], "test")))
+    )
+    with pytest.raises(MatrixError, match="run the sweep first"):
+        load_matrix(write_matrix(tmp_path, tuned={"ppo": "sweeps/ppo"}))
+    with pytest.raises(MatrixError, match="one of the matrix's algorithms: grpo, ppo"):
+        load_matrix(write_matrix(tmp_path, tuned={"dpo": "sweeps/grpo"}))
