@@ -216,8 +216,12 @@ def _named(fail: Any, key: str, value: Any, names: tuple[str, ...]) -> dict[str,
 def storage(url: str) -> Any:
     """Optuna RDB storage with heartbeats: a trial whose worker died (SIGKILL, lost machine) is
     marked failed when another worker next asks for a trial, and retried once."""
+    import warnings
+
     import optuna
 
+    # heartbeats have been "experimental" since Optuna 2.9: not worth a warning per trial
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(
         url,
@@ -427,7 +431,7 @@ PLOTS = (
 
 def write_plots(study: Any, out: Path) -> list[str]:
     """Each plot as interactive HTML (plotly) and PNG (matplotlib: no browser needed); a plot
-    the study cannot draw yet (importances need 2 complete trials and 2 parameters) is skipped."""
+    the study cannot draw yet (importances need 2 complete trials) is skipped."""
     import warnings
 
     import optuna.visualization as interactive
