@@ -23,6 +23,7 @@ many machines) with heartbeats, so a killed worker's trial is failed and retried
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -95,6 +96,12 @@ class Sweep:
         for key, value in {**self.settings, **values}.items():
             set_dotted(data, key, value)
         set_dotted(data, "output_dir", str(output_dir))
+        if not (data.get("logging") or {}).get(
+            "mlflow_tracking_uri"
+        ):  # the study's run and its trials: one store
+            set_dotted(
+                data, "logging.mlflow_tracking_uri", f"sqlite:///{self.output_dir.resolve() / 'mlflow.db'}"
+            )
         set_dotted(data, "logging.experiment", self.name)
         set_dotted(data, "logging.run_name", Path(output_dir).name)
         if tags:
@@ -347,8 +354,11 @@ def objective(spec: Sweep, study: Any, trial: Any) -> float:
     trial.set_user_attr("output_dir", str(out))
     trial.set_user_attr("worker", this_worker())
     pruning = TrialPruning(trial, spec.metric, spec.prune_on)
+    log = spec.output_dir / "logs" / f"{trial.number:04d}.log"  # the run's own lines, off the sweep's console
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        train(config, progress_bar=False, callbacks=[pruning])
+        with log.open("a") as sink, contextlib.redirect_stdout(sink):
+            train(config, progress_bar=False, callbacks=[pruning])
     except NonFiniteError as err:
         if "nan" in spec.prune_on:
             trial.set_user_attr("pruned_because", f"non-finite loss: {err}")
@@ -414,9 +424,28 @@ def write_results(spec: Sweep, study: Any) -> int:
         json.dumps({"trial": best.number, "value": best.value, "params": best.params}, indent=1)
     )
     study.trials_dataframe().to_csv(spec.output_dir / "trials.csv", index=False)
+    record_best(spec, study, best)
     written = write_plots(study, spec.output_dir / PLOTS_DIR)
     print(f"best config: {spec.output_dir / BEST_FILE}; plots: {', '.join(written) or 'none'}")
     return 0
+
+
+def record_best(spec: Sweep, study: Any, best: Any) -> None:
+    """The study's MLflow run gets the best value (a metric, one point per invocation) and the
+    best parameters (tags: they may change when the study resumes), and is marked finished."""
+    parent = study.user_attrs.get("mlflow_run_id")
+    if not parent:
+        return
+    from mlflow import MlflowClient
+
+    from rlbench.tracking import mlflow_metric_key
+
+    client = MlflowClient(spec.trial_config({}, spec.output_dir / "study").logging.mlflow_tracking_uri)
+    client.log_metric(parent, f"best/{mlflow_metric_key(spec.metric)}", best.value, step=len(study.trials))
+    client.set_tag(parent, "rlbench.best_trial", str(best.number))
+    for key, value in best.params.items():
+        client.set_tag(parent, f"best.{key}", str(value))
+    client.set_terminated(parent, "FINISHED")
 
 
 #: Optuna's plots: (name, function name in optuna.visualization and its .matplotlib).
