@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RLBenchError, RegistryError) as err:
         print(f"rlbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command not in ("compare", "sweep"):
+            raise
+        # finished cells and trials are in their store: the same command carries on from them
+        print(f"\nrlbench {args.command}: interrupted; finished work is kept, the same command resumes")
+        return 130
 
 
 def run_command(args: argparse.Namespace) -> int:

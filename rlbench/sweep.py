@@ -104,6 +104,8 @@ class Sweep:
             )
         set_dotted(data, "logging.experiment", self.name)
         set_dotted(data, "logging.run_name", Path(output_dir).name)
+        if not (data.get("logging") or {}).get("wandb_group"):  # with logging.wandb: one group per study
+            set_dotted(data, "logging.wandb_group", self.name)
         if tags:
             set_dotted(data, "logging.tags", dict(tags))
         try:
@@ -261,7 +263,10 @@ def sweep(
     output_dir: str | Path | None = None,
 ) -> int:
     """Runs the study until it holds ``n_trials`` finished trials, then writes its results."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise RLBenchError('rlbench sweep needs Optuna: pip install "rlbench[sweep]"') from None
 
     spec = load_sweep(path, output_dir)
     if workers < 1:

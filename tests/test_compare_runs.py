@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,16 +51,10 @@ def write_matrix(tmp_path: Path, algorithms: list[str], seeds: list[int], **sett
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, free_tcp_port):
     """A real ``mlflow server`` on 127.0.0.1 with an SQLite backend; its URL."""
-    port = free_port()
+    port = free_tcp_port
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -208,3 +201,18 @@ def test_two_workers_share_a_matrix_and_a_crashing_cell_is_recorded(tmp_path):
     assert "## Runs without a result" in report
     assert "| arithmetic-dpo-s0 | failed |" in report and "not valid JSON" in report
     assert "| grpo | 2/2 |" in report and "| dpo | 0/2 |" in report
+
+
+def test_two_workers_share_a_matrix_through_postgresql(tmp_path, postgres):
+    path = write_matrix(tmp_path, ["grpo", "rloo"], [0, 1], **{"logging.mlflow": False})
+    result = subprocess.run(
+        [sys.executable, "-m", "rlbench.cli", "compare", str(path), "--workers", "2", "--storage", postgres],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = CellStore(postgres, "m").rows()
+    assert [(r.state, r.attempts) for r in rows] == [("done", 1)] * 4  # each cell ran exactly once
+    assert len({r.worker for r in rows}) == 2
+    assert "| grpo | 2/2 |" in (tmp_path / "out" / "report.md").read_text()

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -22,54 +17,6 @@ from rlbench.sweep import GRACE_S
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).parents[1] / "configs"
-
-
-def postgres_bin() -> Path | None:
-    """Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(versions[-1]).parent if versions else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A PostgreSQL server of our own on 127.0.0.1 (trust auth, a temporary data directory) and
-    an empty database in it; its SQLAlchemy URL."""
-    bindir = postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it)")
-    pytest.importorskip("psycopg", reason='psycopg 3 is needed: pip install "rlbench[postgres]"')
-    # initdb refuses to run as root: run the server as the postgres user the package creates
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="rlbench-pg-"))
-    data = root / "data"
-    data.mkdir()
-    if as_user:
-        shutil.chown(root, "postgres")
-        shutil.chown(data, "postgres")
-    port = free_port()
-
-    def pg(*command: str) -> None:
-        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
-
-    pg(str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres")
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-       "-o", f"-p {port} -h 127.0.0.1 -k {root}", "start")  # fmt: skip
-    try:
-        pg("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE rlbench")
-        yield f"postgresql://postgres@127.0.0.1:{port}/rlbench"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_workers_share_a_study_and_a_killed_workers_trial_is_failed_not_lost(tmp_path, postgres):
