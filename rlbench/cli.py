@@ -7,10 +7,13 @@ problem and exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
+from pathlib import Path
 
-from rlbench.errors import RLBenchError
+from rlbench.errors import ERROR_FILE_ENV, RLBenchError
 from rlbench.registry import RegistryError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except (RLBenchError, RegistryError) as err:
         print(f"rlbench {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get(ERROR_FILE_ENV):  # a cell of `rlbench compare`: it reports the cause
+            Path(os.environ[ERROR_FILE_ENV]).write_text(json.dumps({"error": str(err)}))
         return 2
     except KeyboardInterrupt:
         if args.command not in ("compare", "sweep"):

@@ -22,7 +22,7 @@ from typing import Any
 
 from rlbench.cellstore import DONE, FAILED, PENDING, RUNNING, CellStore, Heartbeat, this_worker
 from rlbench.config import dump_yaml, read_yaml
-from rlbench.errors import RLBenchError
+from rlbench.errors import ERROR_FILE_ENV, RLBenchError
 from rlbench.matrix import LOGS_DIR, MATRIX_FILE, Matrix, MatrixError, load_matrix
 from rlbench.progress import ENV, MatrixStatus, clock
 from rlbench.run import FAILED_FILE
@@ -206,7 +206,7 @@ def work(
             summary = json.loads((run_dir / SUMMARY_FILE).read_text())
             print(f"  {name}: done in {clock(wall)}{_accuracy(summary)}", flush=True)
         else:
-            cause = failure_cause(run_dir, code, log)
+            cause = failure_cause(run_dir, matrix.output_dir / LOGS_DIR / f"{name}.error.json", code, log)
             store.finish(name, worker, FAILED, cause=cause, wall_s=wall)
             try:
                 mark_failed_in_mlflow(matrix, run_dir, cause)
@@ -243,7 +243,9 @@ def run_cell(
         command.append("--resume")
     if not progress_bar:
         command.append("--no-progress")
-    env = {**os.environ, ENV: status.to_env()}
+    error_file = matrix.output_dir / LOGS_DIR / f"{name}.error.json"
+    error_file.unlink(missing_ok=True)
+    env = {**os.environ, ENV: status.to_env(), ERROR_FILE_ENV: str(error_file)}
     log = None if progress_bar else matrix.output_dir / LOGS_DIR / f"{name}.log"
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     if log is None:
@@ -264,14 +266,15 @@ def run_cell(
         raise
 
 
-def failure_cause(run_dir: Path, code: int, log: Path | None) -> str:
-    """Why a cell's run failed: the error it recorded, else how its process ended."""
-    recorded = run_dir / FAILED_FILE
-    if recorded.is_file():
-        try:
-            return str(json.loads(recorded.read_text())["error"])
-        except (ValueError, KeyError):
-            pass
+def failure_cause(run_dir: Path, error_file: Path, code: int, log: Path | None) -> str:
+    """Why a cell's run failed: the error it recorded (in its run directory if it had started,
+    else in ``error_file``), else how its process ended."""
+    for recorded in (run_dir / FAILED_FILE, error_file):
+        if recorded.is_file():
+            try:
+                return str(json.loads(recorded.read_text())["error"])
+            except (ValueError, KeyError):
+                pass
     if code < 0:
         how = f"killed by {signal.Signals(-code).name}"
     else:

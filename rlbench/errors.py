@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Where a refused command writes its error when set (``rlbench compare`` sets it per cell: a
+#: refused start writes nothing into the run directory, yet the report names the cause).
+ERROR_FILE_ENV = "RLBENCH_ERROR_FILE"
+
 
 class RLBenchError(Exception):
     """Base class of errors that the CLI reports as one line with exit status 2."""

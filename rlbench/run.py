@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -195,11 +196,14 @@ def train(
     """
     checkpoint = check_run_dir(config, resume)
     failed = Path(config.output_dir) / FAILED_FILE
+    # set once the run directory is being written: a failure before it (a refused start) leaves
+    # the directory as it was, one after it is recorded there
+    writing = threading.Event()
     try:
         with process_state_scope(config.trainer.num_threads):
-            summary = _train(config, checkpoint, progress_bar, callbacks or [], watchdog)
+            summary = _train(config, checkpoint, progress_bar, callbacks or [], watchdog, writing)
     except Exception as err:
-        if is_launcher_process() and failed.parent.is_dir():
+        if is_launcher_process() and writing.is_set():
             record_failure(failed, err)
         raise
     failed.unlink(missing_ok=True)  # a failed run, resumed to its end
@@ -226,6 +230,7 @@ def _train(
     progress_bar: bool,
     callbacks: list[Any],
     watchdog: SigtermWatchdog | None,
+    writing: threading.Event,
 ) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -298,6 +303,7 @@ def _train(
         )
         raise RLBenchError(f"{settings}: rejected by Lightning: {err}") from None
     # everything is validated: only now does the run directory get written
+    writing.set()
     if is_launcher_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(config))
