@@ -42,10 +42,6 @@ class CellRow:
     wall_s: float | None
 
 
-def this_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

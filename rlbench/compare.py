@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlbench.cellstore import DONE, FAILED, PENDING, RUNNING, CellStore, Heartbeat, this_worker
+from rlbench.cellstore import DONE, FAILED, PENDING, RUNNING, CellStore, Heartbeat
 from rlbench.config import dump_yaml, read_yaml
 from rlbench.errors import ERROR_FILE_ENV, RLBenchError
 from rlbench.matrix import LOGS_DIR, MATRIX_FILE, Matrix, MatrixError, load_matrix
 from rlbench.progress import ENV, MatrixStatus, clock
 from rlbench.run import FAILED_FILE
+from rlbench.workers import run_workers, this_worker
 
 SUMMARY_FILE = "summary.json"
 CONFIGS_DIR = "configs"
@@ -146,20 +147,7 @@ def spawn_workers(path: str | Path, output_dir: Path, url: str, workers: int, re
     command += ["--output-dir", str(output_dir), "--storage", url]
     if retry_failed:
         command.append("--retry-failed")
-    env = dict(os.environ)
-    # K runs side by side, each with as many threads as cores, oversubscribe the CPU and can run
-    # several times slower than one after another: share the cores (unless told otherwise)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    procs = [subprocess.Popen(command, env=env) for _ in range(workers)]
-    try:
-        for proc in procs:
-            proc.wait()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            proc.wait()
-        raise
+    run_workers(command, workers)
 
 
 def work(

@@ -27,8 +27,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from typing import Any
 from rlbench.config import RunConfig, build, dump_yaml, read_yaml, set_dotted
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.search_space import SearchSpace, SearchSpaceError, grid_size, parse_space
+from rlbench.workers import run_workers, this_worker
 
 KEYS = (
     "name",
@@ -296,11 +295,7 @@ def sweep(
     else:
         command = [sys.executable, "-m", "rlbench.cli", "sweep", str(path), "--worker", "--storage", url]
         command += ["--study-name", name, "--n-trials", str(target), "--output-dir", str(spec.output_dir)]
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-        procs = [subprocess.Popen(command, env=env) for _ in range(workers)]
-        for proc in procs:
-            proc.wait()
+        run_workers(command, workers)
     study = optuna.load_study(study_name=name, storage=storage(url))
     return write_results(spec, study)
 
@@ -344,7 +339,6 @@ def objective(spec: Sweep, study: Any, trial: Any) -> float:
     """Trains one trial and returns the final evaluation's ``spec.metric``."""
     import optuna
 
-    from rlbench.cellstore import this_worker
     from rlbench.guard import NonFiniteError
     from rlbench.pruning import TrialPruning
     from rlbench.run import train
