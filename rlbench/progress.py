@@ -72,18 +72,20 @@ def clock(seconds: float) -> str:
 
 def matrix_progress_callback(status: MatrixStatus, max_steps: int) -> Any:
     """A Lightning callback that writes the matrix line into the run's progress bar."""
-    from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+    from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 
     class MatrixProgress(Callback):
         def __init__(self) -> None:
             self.started = time.time()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            bar = trainer.progress_bar_callback
-            if not isinstance(bar, TQDMProgressBar) or bar._train_progress_bar is None:
-                return
             fraction = getattr(pl_module, "rollout_step", 0) / max(1, max_steps)
-            line = status.line(fraction, time.time() - self.started)
-            bar.train_progress_bar.set_description(f"{status.cell} | {line}", refresh=False)
+            text = f"{status.cell} | {status.line(fraction, time.time() - self.started)}"
+            bar = trainer.progress_bar_callback  # Lightning's rich bar when rich is installed, else tqdm
+            if isinstance(bar, RichProgressBar) and bar.progress is not None:
+                if bar.train_progress_bar_id is not None:
+                    bar.progress.update(bar.train_progress_bar_id, description=text)
+            elif isinstance(bar, TQDMProgressBar) and bar._train_progress_bar is not None:
+                bar.train_progress_bar.set_description(text, refresh=False)
 
     return MatrixProgress()
