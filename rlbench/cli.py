@@ -24,6 +24,14 @@ def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config fields")
 
 
+def _worker_args(parser: argparse.ArgumentParser, kind: str, storage_help: str) -> None:
+    """What ``compare`` and ``sweep`` share: a store many workers use, local workers, where to write."""
+    parser.add_argument("--storage", metavar="URL", help=storage_help)
+    parser.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
+    parser.add_argument("--output-dir", metavar="DIR", help=f"instead of the {kind}'s output_dir")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
+
+
 def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
     from rlbench.config_help import help_text
 
@@ -60,17 +68,14 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
         "matrix's output_dir. Exit status 1 when some cells failed (the report lists them).",
     )
     compare.add_argument("matrix", metavar="MATRIX.yaml", help="the matrix file")
-    compare.add_argument(
-        "--storage",
-        metavar="URL",
-        help="database the workers share to take cells (SQLAlchemy URL: sqlite:///..., "
-        "postgresql://...); default: cells.db in the matrix's output_dir",
+    _worker_args(
+        compare,
+        "matrix",
+        "database the workers share to take cells (SQLAlchemy URL: sqlite:///..., postgresql://...); "
+        "default: cells.db in the matrix's output_dir",
     )
-    compare.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
-    compare.add_argument("--output-dir", metavar="DIR", help="instead of the matrix's output_dir")
     compare.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     compare.add_argument("--no-progress", action="store_true", help="hide the runs' progress bars")
-    compare.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
     sweep = sub.add_parser(
         "sweep",
         help="an Optuna search over a run config's settings (resumable; many workers)",
@@ -80,15 +85,12 @@ def build_parser(with_fields: bool = False) -> argparse.ArgumentParser:
     )
     sweep.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
     sweep.add_argument("--n-trials", type=int, metavar="N", help="finished trials the study should hold")
-    sweep.add_argument(
-        "--storage",
-        metavar="URL",
-        help="Optuna RDB storage (sqlite:///..., postgresql://...); default: study.db in the output_dir",
+    _worker_args(
+        sweep,
+        "sweep",
+        "Optuna RDB storage (sqlite:///..., postgresql://...); default: study.db in the output_dir",
     )
     sweep.add_argument("--study-name", metavar="NAME", help="default: the sweep's name")
-    sweep.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes")
-    sweep.add_argument("--output-dir", metavar="DIR", help="instead of the sweep's output_dir")
-    sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers K
     report = sub.add_parser(
         "report",
         help="(re)build a matrix's report from its logged metrics",

@@ -20,7 +20,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -506,6 +506,30 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"not a {type(data).__name__}"
         )
     return data
+
+
+def spec_checker(
+    data: Mapping[str, Any], keys: tuple[str, ...], path: Path, kind: str, error: type[RLBenchError]
+) -> Callable[[str, Any, str], RLBenchError]:
+    """For a file that names a base run config (a comparison matrix, a sweep): refuses keys
+    not in ``keys`` and returns ``fail(key, value, allowed)``, the error naming the file."""
+
+    def fail(key: str, value: Any, allowed: str) -> RLBenchError:
+        return error(f"{path}: {key}={value!r} is invalid: {allowed}")
+
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise fail(unknown[0], data[unknown[0]], f"not a {kind} key; the keys are {', '.join(keys)}")
+    return fail
+
+
+def read_base(base: str, path: Path, error: type[RLBenchError]) -> dict[str, Any]:
+    """The run config ``base`` names, relative to the file ``path`` that names it."""
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    try:
+        return read_yaml(base_path)
+    except RLBenchError as err:
+        raise error(f"{path}: base: {err}") from None
 
 
 def _parse_scalar(raw: str) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from rlbench.config import RunConfig, build, read_yaml, set_dotted
+from rlbench.config import RunConfig, build, read_base, read_yaml, set_dotted, spec_checker
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.registry import ALGORITHMS, TASKS, RegistryError
 
@@ -211,22 +211,12 @@ def load_matrix(path: str | Path, output_dir: str | Path | None = None) -> Matri
 
 def parse_matrix(data: Mapping[str, Any], path: Path, output_dir: str | Path | None = None) -> Matrix:
     where = str(path)
-
-    def fail(key: str, value: Any, allowed: str) -> MatrixError:
-        return MatrixError(f"{where}: {key}={value!r} is invalid: {allowed}")
-
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise fail(unknown[0], data[unknown[0]], f"not a matrix key; the keys are {', '.join(KEYS)}")
+    fail = spec_checker(data, KEYS, path, "matrix", MatrixError)
     base = data.get("base")
     if isinstance(base, Mapping):  # an inlined base (what output_dir/matrix.yaml holds)
         base_data = copy.deepcopy(dict(base))
     elif isinstance(base, str):
-        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        try:
-            base_data = read_yaml(base_path)
-        except RLBenchError as err:
-            raise MatrixError(f"{where}: base: {err}") from None
+        base_data = read_base(base, path, MatrixError)
     else:
         raise fail("base", base, "the path of a run config (relative to the matrix file)")
     name = data.get("name", path.stem)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlbench.config import RunConfig, build, dump_yaml, read_yaml, set_dotted
+from rlbench.config import RunConfig, build, dump_yaml, read_base, read_yaml, set_dotted, spec_checker
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.search_space import SearchSpace, SearchSpaceError, grid_size, parse_space
 from rlbench.workers import run_workers, this_worker
@@ -142,21 +142,11 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None) -> Sweep:
     path = Path(path)
     data = read_yaml(path)
     where = str(path)
-
-    def fail(key: str, value: Any, allowed: str) -> SweepError:
-        return SweepError(f"{where}: {key}={value!r} is invalid: {allowed}")
-
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise fail(unknown[0], data[unknown[0]], f"not a sweep key; the keys are {', '.join(KEYS)}")
+    fail = spec_checker(data, KEYS, path, "sweep", SweepError)
     base = data.get("base")
     if not isinstance(base, str):
         raise fail("base", base, "the path of a run config (relative to the sweep file)")
-    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    try:
-        base_data = read_yaml(base_path)
-    except RLBenchError as err:
-        raise SweepError(f"{where}: base: {err}") from None
+    base_data = read_base(base, path, SweepError)
     settings = data.get("set") or {}
     if not isinstance(settings, Mapping):
         raise fail("set", settings, "a mapping of dotted config keys to values")
