@@ -208,7 +208,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     from rlbench.progress import MatrixStatus, matrix_progress_callback
     from rlbench.run import train
-    from rlbench.stopping import install_sigterm_watchdog
+    from rlbench.stopping import EXIT_CODE_SIGTERM, install_sigterm_watchdog
 
     # SIGTERM must end the run even while a DDP collective blocks the main thread
     watchdog = install_sigterm_watchdog()
@@ -216,9 +216,20 @@ def run_command(args: argparse.Namespace) -> int:
     status = MatrixStatus.from_env()  # a cell of `rlbench compare`: its bar shows the matrix's progress
     if status is not None and not args.no_progress:
         callbacks.append(matrix_progress_callback(status, config.trainer.max_steps))
-    summary = train(
-        config, resume=args.resume, progress_bar=not args.no_progress, callbacks=callbacks, watchdog=watchdog
-    )
+    try:
+        summary = train(
+            config,
+            resume=args.resume,
+            progress_bar=not args.no_progress,
+            callbacks=callbacks,
+            watchdog=watchdog,
+        )
+    except BaseException as err:
+        if watchdog.sigterm_received:
+            # Lightning's SIGTERM handler broadcasts to the other ranks; once the forced stop has
+            # killed a stuck rank that broadcast fails, but the run ended because it was asked to
+            raise SystemExit(EXIT_CODE_SIGTERM) from err
+        raise
     print(
         f"eval accuracy: {summary['accuracy_before']:.3f} before -> {summary['accuracy_after']:.3f} after "
         f"{summary['steps']} steps ({summary['wall_s']:.0f} s); run directory {summary['output_dir']}"

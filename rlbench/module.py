@@ -123,9 +123,9 @@ class RLModule(pl.LightningModule):
         self.last_eval: tuple[int, dict[str, float]] | None = None
         #: The latest step's metrics (what the loggers received), for callbacks.
         self.last_metrics: dict[str, float] = {}
-        #: Per logger, the last step already logged per metric when a killed run resumes:
-        #: those steps are recomputed identically and not written twice.
-        self.logged_steps: list[dict[str, int]] = []
+        #: Per logger, the steps already logged per metric when a killed run resumes: those
+        #: steps are recomputed identically and not written twice.
+        self.logged_steps: list[dict[str, set[int]]] = []
         #: Rollout steps taken (it also counts skipped updates, so their prompts are not redrawn).
         self.rollout_step = 0
         #: Updates skipped for a non-finite loss or gradient: in all, and in a row now.
@@ -465,7 +465,7 @@ class RLModule(pl.LightningModule):
         """
         if self.trainer.is_global_zero:
             for logger, logged in zip(self.loggers, self.logged_steps or [{}] * len(self.loggers)):
-                fresh = {name: value for name, value in metrics.items() if step > logged.get(name, -1)}
+                fresh = {name: value for name, value in metrics.items() if step not in logged.get(name, ())}
                 if fresh:
                     logger.log_metrics(fresh, step=step)
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import zipfile
@@ -110,10 +111,24 @@ def process_state_scope(num_threads: int) -> Iterator[None]:
 
 def kill_other_ranks(trainer: Any) -> None:
     """SIGKILLs the processes this one launched (Lightning's DDP ranks), if any: a forced stop
-    cannot wait for ranks that may be stuck in the same collective."""
+    cannot wait for ranks that may be stuck in the same collective.
+
+    Lightning's child-process observer (a thread in the launching process) polls the same list
+    of processes every few seconds and, on seeing one die by a signal, SIGKILLs the launcher
+    itself, before the forced stop's other callbacks and its exit code. Emptying that list in
+    place first leaves the observer nothing to watch: it ends quietly at its next poll.
+    """
     launcher = trainer.strategy.launcher
-    if launcher is not None and getattr(launcher, "procs", None):
-        launcher.kill(signal.SIGKILL)
+    procs = list(getattr(launcher, "procs", None) or [])
+    if not procs:
+        return
+    launcher.procs.clear()  # the very list the observer holds
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # the forced stop's backstop bounds us anyway
 
 
 def mark_mlflow_runs(loggers: list[Any], status: str) -> None:

@@ -54,6 +54,7 @@ class SigtermWatchdog:
         self._thread = threading.Thread(target=self._watch, name="rlbench-sigterm-watchdog", daemon=True)
         self._previous_handler: _Handler = None
         self._previous_wakeup_fd = -1
+        self._sigterm = threading.Event()
 
     def on_forced_stop(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` before a forced exit; callbacks run in registration order, each on its own."""
@@ -91,7 +92,15 @@ class SigtermWatchdog:
         os.register_at_fork(after_in_child=self._detach_in_child)
         self._thread.start()
 
+    @property
+    def sigterm_received(self) -> bool:
+        """Whether a SIGTERM has arrived: whatever the main thread raises from then on (a
+        collective failing because the forced path killed its peer), the process is ending
+        because it was asked to, and should exit with ``EXIT_CODE_SIGTERM``."""
+        return self._sigterm.is_set()
+
     def _handle_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._sigterm.set()
         if callable(self._previous_handler):
             self._previous_handler(signum, frame)
         raise SystemExit(EXIT_CODE_SIGTERM)
@@ -104,6 +113,7 @@ class SigtermWatchdog:
                 return
             self._forward(data)
             if signal.SIGTERM in data:
+                self._sigterm.set()
                 break
         # Only this thread reads the pipe and it stops reading here, so a second SIGTERM can
         # neither start a second timer nor shorten this one.

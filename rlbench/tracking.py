@@ -242,19 +242,21 @@ def resumable_csv_logger(out: Path, flush_every: int) -> Any:
     return ResumableCSVLogger(save_dir=str(out), name="", version="csv", flush_logs_every_n_steps=flush_every)
 
 
-def logged_steps(loggers: list[Any]) -> list[dict[str, int]]:
-    """For each logger, the last step already recorded per metric (a resumed run's watermark).
+def logged_steps(loggers: list[Any]) -> list[dict[str, set[int]]]:
+    """For each logger, the steps already recorded per metric (what a resumed run must not repeat).
 
     A run killed after its last checkpoint has logged steps that the resumed run computes
-    again, identically; the module skips those instead of writing them twice. Other loggers
-    (W&B, whose offline history is not read back) get no watermark: they see those steps
-    again.
+    again, identically; the module skips those instead of writing them twice. The steps are a
+    set, not a high-water mark: MLflow's asynchronous logging writes batches from several
+    threads, so a SIGKILL can leave step 7 stored and step 6 lost, and the resumed run must
+    fill that gap. Other loggers (W&B, whose offline history is not read back) get nothing:
+    they see those steps again.
     """
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
-    marks: list[dict[str, int]] = []
+    marks: list[dict[str, set[int]]] = []
     for logger in loggers:
-        mark: dict[str, int] = {}
+        mark: dict[str, set[int]] = {}
         if isinstance(logger, CSVLogger):
             path = Path(logger.log_dir) / "metrics.csv"
             if path.is_file():
@@ -262,12 +264,11 @@ def logged_steps(loggers: list[Any]) -> list[dict[str, int]]:
                     for row in csv.DictReader(file):
                         for key, value in row.items():
                             if key != "step" and value not in ("", None):
-                                mark[key] = max(mark.get(key, -1), int(float(row["step"])))
+                                mark.setdefault(key, set()).add(int(float(row["step"])))
         elif isinstance(logger, MLFlowLogger) and logger.run_id:
             client = logger.experiment
             for key in client.get_run(logger.run_id).data.metrics:
-                steps = client.get_metric_history(logger.run_id, key)
-                mark[metric_name(key)] = max(m.step for m in steps)
+                mark[metric_name(key)] = {m.step for m in client.get_metric_history(logger.run_id, key)}
         marks.append(mark)
     return marks
 

@@ -134,3 +134,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, algori
         assert steps == sorted(set(steps)), f"{key}: a step logged twice"
         assert steps == [s for s, _ in points], key
         assert [v for _, v in resumed_history[key]] == pytest.approx([v for _, v in points], abs=1e-6), key
+
+
+def test_a_step_lost_by_asynchronous_logging_is_written_again_on_resume(tmp_path: Path):
+    """MLflow writes asynchronous batches from several threads, so a SIGKILL can leave step 4
+    stored and step 3 lost: the resumed run's record of what is logged must show the gap
+    (a high-water mark would skip step 3 for ever)."""
+    from rlbench.tracking import logged_steps, mlflow_logger_class, resumable_csv_logger
+
+    mlflow = mlflow_logger_class()(experiment_name="gap", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    csv_logger = resumable_csv_logger(tmp_path, flush_every=1)
+    for step in (0, 1, 2, 4):
+        mlflow.log_metrics({"train/loss": float(step), "eval/pass@2": 0.5}, step=step)
+        csv_logger.log_metrics({"train/loss": float(step)}, step=step)
+    csv_logger.save()
+    csv_marks, mlflow_marks = logged_steps([csv_logger, mlflow])
+    assert csv_marks == {"train/loss": {0, 1, 2, 4}}
+    assert mlflow_marks == {"train/loss": {0, 1, 2, 4}, "eval/pass@2": {0, 1, 2, 4}}
