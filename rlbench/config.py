@@ -55,8 +55,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-llama"
-    """Hugging Face hub name, local directory (``save_pretrained`` layout), or a tiny preset
-    (tiny-llama, small-llama, medium-llama) built from a config with a char tokenizer."""
+    """Hugging Face hub name, local directory (``save_pretrained`` layout), a tiny preset
+    (tiny-llama, small-llama, medium-llama) built from a config with a char tokenizer, or a real
+    model a pip package ships (smollm2-135m-instruct; ``rlbench list`` says how to install it)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     """Dtype the weights are loaded in; ``auto`` keeps the checkpoint's own."""
     trust_remote_code: bool = False
@@ -152,9 +153,20 @@ class TrainConfig:
     max_bad_steps: int = 3
     """A step whose loss or gradient is not finite is skipped (``train/skipped_steps``); after this
     many in a row the run stops with an error naming the cause, keeping the last good checkpoint."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens projected onto the vocabulary at a time for log-probs and entropy: the training
+    forward never holds ``[B, T, V]`` logits (at a real vocabulary its largest tensors), same
+    numbers. 0: the model's own forward computes all logits at once (for models outside
+    ``rlbench.forward.PLAIN_HEAD_MODEL_TYPES`` it always does)."""
 
     def __post_init__(self) -> None:
         require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
+        require(
+            self.logprob_chunk_tokens >= 0,
+            "logprob_chunk_tokens",
+            self.logprob_chunk_tokens,
+            "an integer >= 0 (0: all logits at once)",
+        )
         require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
 
 

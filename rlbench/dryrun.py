@@ -285,16 +285,19 @@ def _model_config(config: RunConfig, task: Any) -> tuple[Any, int]:
     """The model's Hugging Face config and the prompt length (tokens) the estimate assumes."""
     from transformers import AutoConfig
 
-    from rlbench.policy import PRESETS, preset_config
+    from rlbench.policy import PRESETS, preset_config, preset_names
+    from rlbench.pretrained import PACKAGED, packaged_config
 
     name = config.model.name_or_path
     if name in PRESETS and not Path(name).is_dir():
         longest = max(len(p.text) for p in task.prompts("train", PROMPT_SAMPLE, config.seed))
         return preset_config(name, task.alphabet), longest
+    if name in PACKAGED and not Path(name).is_dir():
+        return packaged_config(name, Path(config.warmstart.cache_dir)), PROMPT_TOKENS_ESTIMATE
     if not Path(name).is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise RLBenchError(
             f"model.name_or_path={name!r}: no such directory; give a local save_pretrained "
-            f"directory, a hub name, or a preset ({', '.join(PRESETS)})"
+            f"directory, a hub name, or a preset ({', '.join(preset_names())})"
         )
     try:
         hf_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)

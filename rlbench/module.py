@@ -436,8 +436,15 @@ class RLModule(pl.LightningModule):
     def policy_forward(self, batch: RolloutBatch, with_entropy: bool = False) -> ForwardOutput:
         """The policy's log-probs of ``batch`` (and entropy; hidden states when the algorithm
         reads them), at the algorithm's scoring temperature."""
-        hidden = self.algorithm.needs_hidden_states
-        return batch_forward(self.policy, batch, self.temperature, with_entropy, self.vocab_size, hidden)
+        return batch_forward(
+            self.policy,
+            batch,
+            self.temperature,
+            with_entropy,
+            self.vocab_size,
+            with_hidden=self.algorithm.needs_hidden_states,
+            chunk_tokens=self.config.train.logprob_chunk_tokens,
+        )
 
     def policy_logprobs(
         self, batch: RolloutBatch, with_entropy: bool = False
@@ -451,7 +458,14 @@ class RLModule(pl.LightningModule):
         rank, world = self.global_rank, self.dist.world_size
         batch, metrics = self.rollouts.sample(self.policy, self.rollouts.source.batch(step, 0, rank, world))
         with inference_mode(self.policy):
-            out = batch_forward(self.policy, batch, self.config.rollout.temperature, True, self.vocab_size)
+            out = batch_forward(
+                self.policy,
+                batch,
+                self.config.rollout.temperature,
+                True,
+                self.vocab_size,
+                chunk_tokens=self.config.train.logprob_chunk_tokens,
+            )
         assert out.entropy is not None
         tokens = self.dist.sum(float(batch.completion_mask.sum()))
         entropy = self.dist.sum(float((out.entropy * batch.completion_mask).sum())) / max(tokens, 1.0)

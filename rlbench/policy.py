@@ -3,7 +3,9 @@
 A policy is loaded from a hub name or a local ``save_pretrained`` directory with the
 ``Auto*`` classes. Tiny presets (for tests and CPU demos) are built from a ``LlamaConfig``
 and a char-level tokenizer, saved with ``save_pretrained`` and then loaded through the very
-same path, so the loading code that real models take is the code the tests run.
+same path, so the loading code that real models take is the code the tests run. Packaged
+models (``rlbench.pretrained``: a real instruct model that a pip package ships) are converted
+once into such a directory too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from rlbench.cache import build_once
 from rlbench.errors import RLBenchError
+from rlbench.pretrained import PACKAGED, packaged_model_path
 from rlbench.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -100,6 +103,8 @@ def resolve_model_path(name_or_path: str, alphabet: str | None, seed: int, cache
     none, and only real tokenizers can read it)."""
     if Path(name_or_path).is_dir():
         return name_or_path
+    if name_or_path in PACKAGED:
+        return packaged_model_path(name_or_path, cache_dir)
     if name_or_path in PRESETS:
         if not alphabet:
             raise RLBenchError(
@@ -110,18 +115,23 @@ def resolve_model_path(name_or_path: str, alphabet: str | None, seed: int, cache
 
         directory = cache_dir / "presets" / f"{name_or_path}-{config_hash(alphabet, seed)}"
         return str(build_preset(name_or_path, alphabet, seed, directory))
-    near = did_you_mean(name_or_path, list(PRESETS))
+    near = did_you_mean(name_or_path, preset_names())
     if near:
         raise RLBenchError(
             f"model.name_or_path={name_or_path!r} is not a local directory or a preset{near}; "
-            f"presets: {', '.join(PRESETS)}"
+            f"presets: {', '.join(preset_names())}"
         )
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise RLBenchError(
             f"model.name_or_path={name_or_path!r}: no such directory; give a local save_pretrained "
-            f"directory, a hub name, or a preset ({', '.join(PRESETS)})"
+            f"directory, a hub name, or a preset ({', '.join(preset_names())})"
         )
     return name_or_path
+
+
+def preset_names() -> list[str]:
+    """Every model name that is neither a directory nor a hub name: tiny presets, packaged models."""
+    return [*PRESETS, *PACKAGED]
 
 
 def load_policy(

@@ -31,8 +31,12 @@ def uses_chat(tokenizer: Any, options: Any) -> bool:
 
 
 def render(tokenizer: Any, text: str, options: Any) -> str:
-    """The prompt as the model reads it: ``text`` itself, or a chat turn that opens the
-    assistant's reply (after the optional ``options.system_prompt``)."""
+    """The prompt as the model reads it: ``text`` (in ``options.prompt_template`` if set) as
+    is, or as a chat turn that opens the assistant's reply (after the optional
+    ``options.system_prompt``)."""
+    template = getattr(options, "prompt_template", None)
+    if template:
+        text = template.format(prompt=text)
     if not uses_chat(tokenizer, options):
         return text
     messages = []
@@ -55,6 +59,6 @@ def encode_prompts(
     """Left-padded ``(input_ids, attention_mask)`` of prompts rendered under the task ``options``
     (None: plain text)."""
     chat = uses_chat(tokenizer, options)
-    rendered = [render(tokenizer, t, options) for t in texts] if chat else texts
+    rendered = [render(tokenizer, t, options) for t in texts]
     enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=not chat)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)

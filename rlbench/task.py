@@ -12,6 +12,7 @@ extractors) and compares it with ``answers_match`` (numbers as numbers), never b
 from __future__ import annotations
 
 import abc
+import string
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -47,6 +48,10 @@ class TaskOptions:
     models) and plain otherwise (the tiny char-tokenizer presets)."""
     system_prompt: str | None = None
     """System turn before each prompt in chat format (ignored in plain format); None: none."""
+    prompt_template: str | None = None
+    """Wraps each prompt's text before it is rendered, ``{prompt}`` standing for it: an
+    instruction a real model needs and a tiny preset does not, e.g. ``"What is {prompt}? Answer
+    with just the number."``; None: the text as the task writes it."""
     extractor: str | None = None
     """How the answer is read from a completion before it is checked: ``last_number``,
     ``hash`` (after ``#### ``), ``boxed`` (``\\boxed{x}``), ``answer_tag``
@@ -68,6 +73,12 @@ class TaskOptions:
             "system_prompt",
             self.system_prompt,
             "a string or null",
+        )
+        require(
+            self.prompt_template is None or template_fields(self.prompt_template) == ["prompt"],
+            "prompt_template",
+            self.prompt_template,
+            "null or a string with {prompt} (and no other {field}; write {{ and }} for braces)",
         )
         require(
             self.extractor is None or self.extractor in EXTRACTORS,
@@ -148,3 +159,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
         """``n`` (prompt text, correct completion) pairs from the train split, for warm starts."""
+
+
+def template_fields(template: object) -> list[str] | None:
+    """The distinct ``{field}`` names of a format string; None if it is not one."""
+    if not isinstance(template, str):
+        return None
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
+    return sorted(set(names))

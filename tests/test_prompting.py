@@ -40,6 +40,21 @@ def test_system_prompt_opens_the_chat(chat_tokenizer):
     assert render(chat_tokenizer, "1+2=", options) == "<s>Be brief.\n<u>1+2=\n<a>"
 
 
+def test_prompt_template_wraps_the_text_in_both_formats(chat_tokenizer):
+    options = TaskOptions(prompt_template="Be {prompt} brief.", prompt_format="plain")
+    assert render(chat_tokenizer, "1+2=", options) == "Be 1+2= brief."
+    ids, _ = encode_prompts(chat_tokenizer, ["1+2="], torch.device("cpu"), options)
+    assert chat_tokenizer.decode(ids[0]) == "Be 1+2= brief."
+    chat = TaskOptions(prompt_template="Be {prompt} brief.")
+    assert render(chat_tokenizer, "1+2=", chat) == "<u>Be 1+2= brief.\n<a>"
+
+
+@pytest.mark.parametrize("template", ["no field", "{prompt} {answer}", "{prompt", "{}"])
+def test_a_prompt_template_needs_exactly_the_prompt_field(template):
+    with pytest.raises(RLBenchError, match=r"prompt_template=.*\{prompt\}"):
+        TaskOptions(prompt_template=template)
+
+
 def test_chat_without_a_template_is_a_clear_error():
     with pytest.raises(RLBenchError, match="prompt_format='chat'.*no chat template.*'plain'"):
         encode_prompts(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlbench.errors import RLBenchError
-from rlbench.forward import completion_forward, completion_logprobs
+from rlbench.forward import completion_forward, completion_logprobs, decoder_trunk
 from rlbench.policy import char_tokenizer, load_policy, resolve_model_path
 from rlbench.prompting import encode_prompts
 from rlbench.rollout import DecodeLoop, SamplingParams, completion_mask, derive_seed, filter_logits
@@ -131,6 +131,29 @@ def test_shared_prompt_forward_equals_one_forward_per_row(policy):
     assert torch.allclose(shared.hidden * m[..., None], hidden, atol=1e-5)
     for got, *rows in zip(shared_grads, *(g for _, g in alone)):
         assert torch.allclose(got, sum(rows), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])
+def test_chunked_head_forward_equals_the_full_logits_forward(policy, chunk_tokens: int):
+    """Log-probs through the trunk and the LM head a few tokens at a time (never ``[B, T, V]``
+    logits) are the model's own full-logits numbers: values, entropy, hidden states, gradients."""
+    model, _ = policy
+    assert decoder_trunk(model) is not None  # the chunked path is taken
+    ids, mask, rollout = sample(policy, [p for p in PROMPTS[:3] for _ in range(2)], SEEDS[:6])
+    completions, m = rollout.completion_ids, rollout.completion_mask
+
+    def forward(chunk: int):
+        model.zero_grad()
+        out = completion_forward(model, ids, mask, completions, m, 0.7, True, None, True, chunk_tokens=chunk)
+        (out.logprobs * m).sum().backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    (chunked, chunked_grads), (full, full_grads) = forward(chunk_tokens), forward(0)
+    assert torch.allclose(chunked.logprobs * m, full.logprobs * m, atol=1e-5)
+    assert torch.allclose(chunked.entropy * m, full.entropy * m, atol=1e-5)
+    assert torch.allclose(chunked.hidden * m[..., None], full.hidden * m[..., None], atol=1e-5)
+    for got, expected in zip(chunked_grads, full_grads, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_mask_stops_after_eos(policy):
