@@ -18,8 +18,9 @@ device holds at the peak of a step. Per device:
 - activations of one training micro-batch: rows x tokens x hidden x layers x 34 x act_bytes / 2
   (Korthikanti et al. 2022, per layer without recomputation, written for 2-byte activations),
   plus the fp32 logits and log-softmax of the completion positions (rows x (new + 1) x vocab
-  x 4 x 2; ``logits_to_keep`` skips prompt positions). act_bytes is 2 under bf16/16-mixed
-  precision or 2-byte weights, else 4.
+  x 4 x 2; ``logits_to_keep`` skips prompt positions), of at most ``train.logprob_chunk_tokens``
+  of them at a time for the models ``rlbench.logprobs`` serves chunk by chunk. act_bytes is 2
+  under bf16/16-mixed precision or 2-byte weights, else 4.
 - KV cache of generation: 2 x layers x kv_heads x head_dim x tokens x rows x act_bytes, rows
   being the larger of a rollout micro-batch and an eval chunk.
 
@@ -45,6 +46,7 @@ from torch import nn
 
 from rlbench.config import RunConfig
 from rlbench.errors import RLBenchError
+from rlbench.forward import PLAIN_HEAD_MODEL_TYPES
 from rlbench.registry import ALGORITHMS, TASKS
 
 #: Prompt length assumed for real tokenizers (prompts of these tasks are short).
@@ -160,7 +162,10 @@ def dry_run(config: RunConfig) -> DryRunReport:
     generation_rows = max(rollout_rows, eval_rows)
 
     activations = train_rows * tokens * hidden * layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
-    activations = activations * act_bytes // 2 + train_rows * (completion_tokens + 1) * vocab * 4 * 2
+    logit_rows = train_rows * (completion_tokens + 1)
+    if config.train.logprob_chunk_tokens and getattr(text, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+        logit_rows = min(logit_rows, config.train.logprob_chunk_tokens)  # rlbench.logprobs: by chunks
+    activations = activations * act_bytes // 2 + logit_rows * vocab * 4 * 2
     memory = MemoryEstimate(
         weights=(total * weight_bytes + lora_params * trainable_bytes) // shards["weights"],
         gradients=trainable * trainable_bytes // shards["gradients"],

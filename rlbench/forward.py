@@ -4,6 +4,10 @@ completions under a causal LM, and the prompt prefill that sampling and scoring 
 Rows that share a prompt (a GRPO group's G samples, a DPO pair's chosen and rejected) run that
 prompt once: its KV cache is computed for each distinct prompt and copied to the rows that hold
 it, so the prompt's compute (and, in training, its backward) is paid once per prompt.
+
+For the common decoder families the forward stops at the trunk's last hidden states and
+``rlbench.logprobs`` runs the LM head over them a chunk of tokens at a time, so no
+``[B, T, V]`` logits are ever held; any other causal LM goes through its own forward.
 """
 
 from __future__ import annotations
