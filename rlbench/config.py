@@ -435,10 +435,11 @@ class RunConfig:
             )
         group_size = algorithm.group_size
         batch = self.rollout.prompts_per_step * group_size
-        for name, value in (
-            ("rollout.micro_batch_size", self.rollout.micro_batch_size),
-            ("train.micro_batch_size", self.train.micro_batch_size),
-        ):
+        bounded = [("train.micro_batch_size", self.train.micro_batch_size)]
+        if algorithm.experience == "rollouts":
+            # a pair-based algorithm's sampler also builds its pairs, a far larger batch than a step
+            bounded.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
+        for name, value in bounded:
             require(
                 value <= batch,
                 name,

@@ -66,3 +66,16 @@ def test_micro_batch_larger_than_the_batch_is_refused():
         load_config(None, ["train.micro_batch_size=100"])
     with pytest.raises(ConfigError, match=r"rollout.micro_batch_size=-1 is invalid"):
         load_config(None, ["rollout.micro_batch_size=-1"])
+
+
+def test_a_pair_algorithm_may_sample_more_at_once_than_a_step_holds():
+    """DPO's sampler builds its pairs from num_prompts x samples_per_prompt completions, far
+    more than its step's pairs: the rollout micro-batch bounds that pass, not the step."""
+    config = load_config(
+        None, ["algorithm.name=dpo", "rollout.prompts_per_step=4", "rollout.micro_batch_size=64"]
+    )
+    assert config.rollout.micro_batch_size == 64
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch_size=64 is invalid: at most the step's batch of 8"
+    ):
+        load_config(None, ["algorithm.name=dpo", "rollout.prompts_per_step=4", "train.micro_batch_size=64"])

@@ -93,7 +93,8 @@ def test_the_conversion_keeps_the_gguf_weights_and_saves_plainly(cache_dir: Path
         ("grpo", ["algorithm.grpo.group_size=2"]),
         ("ppo", ["algorithm.ppo.group_size=2"]),
         ("rloo", ["algorithm.rloo.group_size=2"]),
-        ("dpo", ["algorithm.dpo.num_prompts=4", "algorithm.dpo.samples_per_prompt=4"]),
+        # enough samples that some prompt gets a right and a wrong answer: a pair
+        ("dpo", ["algorithm.dpo.num_prompts=16", "algorithm.dpo.samples_per_prompt=4"]),
     ],
 )
 def test_every_algorithm_trains_the_real_model(
@@ -107,7 +108,7 @@ def test_every_algorithm_trains_the_real_model(
             f"algorithm.name={algorithm}",
             *options,
             "rollout.prompts_per_step=2",
-            "rollout.max_new_tokens=6",
+            "rollout.max_new_tokens=12",  # "75 + 55 = 130" is 11 tokens
             "trainer.max_steps=2",
             "trainer.checkpoint_every=1",
             "eval.num_prompts=4",
