@@ -108,6 +108,7 @@ def test_every_algorithm_trains_the_real_model(
             f"algorithm.name={algorithm}",
             *options,
             "rollout.prompts_per_step=2",
+            "rollout.micro_batch_size=0",
             "rollout.max_new_tokens=12",  # "75 + 55 = 130" is 11 tokens
             "trainer.max_steps=2",
             "trainer.checkpoint_every=1",
