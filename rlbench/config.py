@@ -126,7 +126,9 @@ class RolloutConfig:
     backend: Literal["decode_loop"] = "decode_loop"
     """Sampler: ``decode_loop`` is a batched KV-cache loop with per-completion seeded draws."""
     micro_batch_size: int = 0
-    """Completions generated at once (bounds generation memory); 0 generates the whole step at once."""
+    """Completions generated at once (bounds generation memory); 0 generates the whole step at once.
+    For pair-based algorithms (DPO) it also bounds the pair-building pass (``num_prompts x
+    samples_per_prompt`` completions), so it may exceed their step's batch."""
 
     def __post_init__(self) -> None:
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "an integer >= 1")
