@@ -79,7 +79,7 @@ def packaged_model_path(name: str, cache_dir: Path) -> str:
     """The plain ``save_pretrained`` directory of packaged model ``name``, converted from its
     GGUF file into ``cache_dir`` on first use (once, even when several processes ask at once)."""
     gguf, version = gguf_file(name)
-    directory = cache_dir / "pretrained" / f"{name}-{version}"
+    directory = converted_dir(name, version, cache_dir)
 
     def build(tmp: Path) -> None:
         if importlib.util.find_spec("gguf") is None:
@@ -92,6 +92,11 @@ def packaged_model_path(name: str, cache_dir: Path) -> str:
         (tmp / SOURCE_FILE).write_text(json.dumps({**source, "file": PACKAGED[name].file}, indent=1))
 
     return str(build_once(directory, build, complete=lambda d: (d / SOURCE_FILE).is_file()))
+
+
+def converted_dir(name: str, version: str, cache_dir: Path) -> Path:
+    """Where packaged model ``name`` of package ``version`` is kept once converted."""
+    return cache_dir / "pretrained" / f"{name}-{version}"
 
 
 def convert_gguf(gguf: Path, directory: Path) -> None:
@@ -121,7 +126,7 @@ def packaged_config(name: str, cache_dir: Path) -> Any:
     from transformers import AutoConfig
 
     gguf, version = gguf_file(name)
-    directory = cache_dir / "pretrained" / f"{name}-{version}"
+    directory = converted_dir(name, version, cache_dir)
     if (directory / SOURCE_FILE).is_file():
         return AutoConfig.from_pretrained(directory)
     return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -61,6 +61,12 @@ def test_a_missing_package_names_its_install_command(monkeypatch: pytest.MonkeyP
     assert not (tmp_path / "pretrained").exists()
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "rloo", "dpo"])
+def test_the_example_is_valid_for_every_algorithm(algorithm: str):
+    config = load_config(EXAMPLE, [f"algorithm.name={algorithm}"])
+    assert config.model.name_or_path == NAME and config.eval.num_prompts >= 200
+
+
 def test_a_near_miss_of_the_preset_name_is_suggested(tmp_path: Path):
     with pytest.raises(RLBenchError, match="did you mean 'smollm2-135m-instruct'"):
         resolve_model_path("smollm2-135m-instuct", None, 0, tmp_path)
