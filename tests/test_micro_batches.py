@@ -79,3 +79,8 @@ def test_a_pair_algorithm_may_sample_more_at_once_than_a_step_holds():
         ConfigError, match=r"train.micro_batch_size=64 is invalid: at most the step's batch of 8"
     ):
         load_config(None, ["algorithm.name=dpo", "rollout.prompts_per_step=4", "train.micro_batch_size=64"])
+
+
+def test_a_negative_logprob_chunk_is_refused():
+    with pytest.raises(ConfigError, match=r"train.logprob_chunk_tokens=-1 is invalid: an integer >= 0"):
+        load_config(None, ["train.logprob_chunk_tokens=-1"])
