@@ -411,11 +411,17 @@ class RunConfig:
         return self.seed if self.warmstart.seed is None else self.warmstart.seed
 
     def __post_init__(self) -> None:
+        # Measured on an H100 (docs/gpu.md): rlbench's step calls backward inside
+        # training_step (micro-batches, several optimiser steps per batch), and Lightning's
+        # FSDP wraps training_step in the root unit's forward, so backward fails with
+        # "Expects BACKWARD_PRE or BACKWARD_POST state" (Lightning issue #19685).
         require(
-            not (self.trainer.strategy.startswith("fsdp") and self.trainer.accelerator == "cpu"),
+            not self.trainer.strategy.startswith("fsdp"),
             "trainer.strategy",
             self.trainer.strategy,
-            "Lightning's FSDP runs on GPUs only (trainer.accelerator=gpu); on the CPU use ddp",
+            "not fsdp: Lightning's FSDP does not support a backward pass inside training_step, "
+            "which every rlbench step makes (Lightning issue #19685); use ddp, and to save memory "
+            "model.lora.r > 0 or trainer.precision=bf16-true (docs/gpu.md)",
         )
         if isinstance(self.trainer.devices, int):
             processes = self.trainer.devices * self.trainer.num_nodes

@@ -27,9 +27,9 @@ device holds at the peak of a step. Per device:
 tokens = ``rollout.max_new_tokens`` + a prompt length: the task's longest prompt for a preset
 (char tokenizer, one token per character), else a flat 64 tokens. A process trains on
 ``prompts_per_step x group_size / world`` completions, split into micro-batches. Sharding
-divides by the world size: FSDP and DeepSpeed stage 3 weights, gradients and optimizer state;
-stage 2 gradients and optimizer state; stage 1 optimizer state (memory at rest: plain ``fsdp``
-also gathers the whole model for each forward and backward, see the report's note). Training
+divides by the world size: DeepSpeed stage 3 weights, gradients and optimizer state; stage 2
+gradients and optimizer state; stage 1 optimizer state (``fsdp`` is refused at load time, see
+``RunConfig``). Training
 activations and the KV cache are never alive together, so the total is the static memory plus
 the larger of them. Not counted: the CUDA context, allocator fragmentation, temporary buffers.
 """
@@ -174,12 +174,6 @@ def dry_run(config: RunConfig) -> DryRunReport:
         activations=activations,
         kv_cache=2 * layers * kv_heads * head_dim * tokens * generation_rows * act_bytes,
     )
-    if trainer.strategy.startswith("fsdp"):
-        notes.append(
-            "trainer.strategy=fsdp reaches Lightning without an auto-wrap policy, so the model is one "
-            "FSDP unit gathered whole for every forward and backward: the sharded figures are memory "
-            "at rest, and the peak is higher by about one unsharded copy of the weights"
-        )
     if trainer.strategy.endswith("offload"):
         notes.append(f"{trainer.strategy} offloads state to the CPU; the estimate ignores the offload")
     return DryRunReport(
@@ -216,8 +210,8 @@ def lora_parameter_count(model: nn.Module, r: int, target_modules: tuple[str, ..
 
 
 def sharded_components(strategy: str) -> tuple[str, ...]:
-    """What the strategy divides across processes (ZeRO stages; FSDP is full sharding)."""
-    if strategy.startswith(("fsdp", "deepspeed_stage_3")):
+    """What the strategy divides across processes (DeepSpeed's ZeRO stages)."""
+    if strategy.startswith("deepspeed_stage_3"):
         return ("weights", "gradients", "optimizer")
     if strategy.startswith("deepspeed_stage_2"):
         return ("gradients", "optimizer")

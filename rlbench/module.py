@@ -48,6 +48,7 @@ from rlbench.policy import (
 from rlbench.reference import FrozenReference
 from rlbench.registry import ALGORITHMS, TASKS
 from rlbench.rollout import BACKENDS, SamplingParams
+from rlbench.tracking import flush_metrics
 
 __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
@@ -210,6 +211,7 @@ class RLModule(pl.LightningModule):
         self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        flush_metrics(self.loggers)
         checkpoint["rlbench_config"] = self.config.to_dict()
         checkpoint["rlbench_state"] = {
             "rollout_step": self.rollout_step,

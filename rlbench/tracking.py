@@ -77,6 +77,17 @@ def mlflow_logger_class() -> type:
         def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
             super().log_metrics({mlflow_metric_key(k): v for k, v in metrics.items()}, step)
 
+        def flush(self) -> None:
+            """Waits until every metric logged so far is stored.
+
+            Called before each checkpoint: with asynchronous logging a SIGKILL could otherwise
+            lose the metrics of a step that the checkpoint already counts as done, and a resume
+            never computes that step again. MLflow keeps one logging queue per tracking store;
+            the public ``mlflow.flush_async_logging`` only reaches the global tracking URI's.
+            """
+            if self._initialized:
+                self.experiment._tracking_client.store.flush_async_logging()
+
     return RLBenchMLFlowLogger
 
 
@@ -240,6 +251,15 @@ def resumable_csv_logger(out: Path, flush_every: int) -> Any:
             return super().experiment
 
     return ResumableCSVLogger(save_dir=str(out), name="", version="csv", flush_logs_every_n_steps=flush_every)
+
+
+def flush_metrics(loggers: list[Any]) -> None:
+    """Stores every metric logged so far (see ``RLBenchMLFlowLogger.flush``); a checkpoint
+    must never count a step as done whose metrics a kill could still lose."""
+    for logger in loggers:
+        flush = getattr(logger, "flush", None)
+        if callable(flush):
+            flush()
 
 
 def logged_steps(loggers: list[Any]) -> list[dict[str, set[int]]]:

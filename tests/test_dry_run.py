@@ -102,25 +102,24 @@ def test_lora_trains_adapters_only_and_keeps_no_reference_copy(tmp_path, qwen_di
         dry_run(qwen_config(tmp_path, qwen_dir, "model.lora.r=16", "model.lora.target_modules=[qproj]"))
 
 
-def test_fsdp_shards_weights_gradients_and_optimizer_over_the_world(tmp_path, qwen_dir):
+def test_zero3_shards_weights_gradients_and_optimizer_over_the_world(tmp_path, qwen_dir):
     single = dry_run(qwen_config(tmp_path, qwen_dir, "rollout.prompts_per_step=8"))
-    fsdp = dry_run(
+    zero3 = dry_run(
         qwen_config(
             tmp_path,
             qwen_dir,
             "rollout.prompts_per_step=8",
             "trainer.devices=8",
-            "trainer.strategy=fsdp",
-            "trainer.accelerator=gpu",  # Lightning's FSDP is GPU-only; a dry run needs no GPU
+            "trainer.strategy=deepspeed_stage_3",
+            "trainer.accelerator=gpu",  # a dry run needs no GPU
         )
     )
-    assert fsdp.world_size == 8
-    assert fsdp.memory.weights == single.memory.weights // 8
-    assert fsdp.memory.gradients == single.memory.gradients // 8
-    assert fsdp.memory.optimizer == single.memory.optimizer // 8
-    assert fsdp.memory.reference == single.memory.reference  # held outside the module: not sharded
-    assert fsdp.train_rows == single.train_rows // 8  # each process trains on its prompts only
-    assert any("one FSDP unit" in note for note in fsdp.notes)
+    assert zero3.world_size == 8
+    assert zero3.memory.weights == single.memory.weights // 8
+    assert zero3.memory.gradients == single.memory.gradients // 8
+    assert zero3.memory.optimizer == single.memory.optimizer // 8
+    assert zero3.memory.reference == single.memory.reference  # held outside the module: not sharded
+    assert zero3.train_rows == single.train_rows // 8  # each process trains on its prompts only
     ddp = dry_run(
         qwen_config(
             tmp_path, qwen_dir, "rollout.prompts_per_step=8", "trainer.devices=8", "trainer.strategy=ddp"
@@ -182,3 +181,14 @@ def test_gpu_examples_load_and_dry_run(name, tmp_path, qwen_dir):
     assert report.world_size == config.trainer.devices
     assert report.memory.total > 0
     assert "memory per device" in format_report(report)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_cpu_offload"])
+def test_fsdp_is_refused_at_load_time_with_the_reason_and_what_to_use(tmp_path, strategy):
+    with pytest.raises(RLBenchError) as caught:
+        load_config(
+            None, [f"output_dir={tmp_path}", f"trainer.strategy={strategy}", "trainer.accelerator=gpu"]
+        )
+    message = str(caught.value)
+    assert f"trainer.strategy={strategy!r}" in message or f"trainer.strategy={strategy}" in message
+    assert "backward pass inside training_step" in message and "use ddp" in message

@@ -151,3 +151,22 @@ def test_a_step_lost_by_asynchronous_logging_is_written_again_on_resume(tmp_path
     csv_marks, mlflow_marks = logged_steps([csv_logger, mlflow])
     assert csv_marks == {"train/loss": {0, 1, 2, 4}}
     assert mlflow_marks == {"train/loss": {0, 1, 2, 4}, "eval/pass@2": {0, 1, 2, 4}}
+
+
+def test_a_checkpoint_waits_until_every_logged_metric_is_stored(tmp_path: Path):
+    """A checkpoint counts its steps as done, and a resume never computes them again: their
+    metrics must be in the store, not in MLflow's asynchronous queue, when it is written."""
+    import sqlite3
+
+    from rlbench.tracking import flush_metrics, mlflow_logger_class
+
+    store = tmp_path / "m.db"
+    mlflow = mlflow_logger_class()(
+        experiment_name="flush", tracking_uri=f"sqlite:///{store}", synchronous=False
+    )
+    for step in range(200):
+        mlflow.log_metrics({"train/loss": float(step), "train/grad_norm_spikes": 0.0}, step=step)
+    flush_metrics([mlflow])
+    with sqlite3.connect(store) as db:  # the database itself, not the client's view of it
+        stored = db.execute("SELECT key, COUNT(DISTINCT step) FROM metrics GROUP BY key").fetchall()
+    assert dict(stored) == {"train/loss": 200, "train/grad_norm_spikes": 200}
