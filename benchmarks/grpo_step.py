@@ -51,7 +51,7 @@ class StepTimer(pl.Callback):
         self.rollouts.append(module.last_metrics.get("perf/rollout_s", 0.0))
 
 
-def measure(shape: str, precision: str, steps: int) -> dict[str, float]:
+def measure(shape: str, precision: str, steps: int, extra: list[str] | None = None) -> dict[str, float]:
     preset, new_tokens = SHAPES[shape]
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
@@ -74,6 +74,7 @@ def measure(shape: str, precision: str, steps: int) -> dict[str, float]:
                 "eval.num_prompts=8",
                 "logging.mlflow=false",
                 "optim.lr=1e-4",
+                *(extra or []),
             ],
         )
         timer = StepTimer()
@@ -93,15 +94,22 @@ def main() -> None:
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, e.g. --set train.micro_batch_tokens=640 (repeatable)",
+    )
     args = parser.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     print(
         f"rlbench GRPO step, B=64 (8 prompts x G=8), beta=0.04, {args.precision}, "
-        f"threads={torch.get_num_threads()}"
+        f"threads={torch.get_num_threads()}" + (f", {' '.join(args.set)}" if args.set else "")
     )
     for shape in shapes:
         steps = args.steps
-        result = measure(shape, args.precision, steps)
+        result = measure(shape, args.precision, steps, args.set)
         print(
             f"{shape:<8} median_step_s={result['median_step_s']:.4f} "
             f"median_rollout_s={result['median_rollout_s']:.4f}",

@@ -151,6 +151,12 @@ class TrainConfig:
     micro_batch_size: int = 0
     """Completions per forward/backward; gradients are accumulated over a step's micro-batches
     (bounds training memory, same loss to float precision). 0 uses the whole batch at once."""
+    micro_batch_tokens: int = 0
+    """Token budget of a micro-batch instead of (or besides) a row count: completions are sorted
+    by length and packed so that ``rows x (prompt width + longest completion)`` stays within it,
+    each micro-batch trimmed to its own longest completion, so short completions stop paying
+    for the step's longest (same loss to float precision). 0: off. With uneven lengths it saves
+    forward and backward work (docs/benchmarks.md); it also bounds memory by tokens, not rows."""
 
     max_bad_steps: int = 3
     """A step whose loss or gradient is not finite is skipped (``train/skipped_steps``); after this
@@ -163,6 +169,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "an integer >= 0")
+        require(
+            self.micro_batch_tokens >= 0,
+            "micro_batch_tokens",
+            self.micro_batch_tokens,
+            "an integer >= 0 (0: off)",
+        )
         require(
             self.logprob_chunk_tokens >= 0,
             "logprob_chunk_tokens",

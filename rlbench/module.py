@@ -32,11 +32,12 @@ from rlbench.collectives import Collectives
 from rlbench.config import RunConfig
 from rlbench.data import PromptSource
 from rlbench.evaluation import Evaluator
-from rlbench.experience import ExperienceSource, RolloutCollector, micro_batches
+from rlbench.experience import ExperienceSource, RolloutCollector
 from rlbench.forward import ForwardOutput, batch_forward
 from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
 from rlbench.lora import AdapterReference, apply_lora
 from rlbench.metrics import combine_micro_batches, reduce_passes
+from rlbench.microbatch import Rows, merge, plan, scatter, take
 from rlbench.pair_source import PairSource
 from rlbench.policy import (
     disable_dropout,
@@ -254,6 +255,7 @@ class RLModule(pl.LightningModule):
             scored
             and algorithm.minibatches_per_pass == 1
             and self.config.train.micro_batch_size == 0
+            and self.config.train.micro_batch_tokens == 0
             and self.config.model.disable_dropout
             and self.dist.min(len(batch)) > 0
         )
@@ -274,7 +276,7 @@ class RLModule(pl.LightningModule):
                 # pi_old is the policy that sampled: these very weights until the first optimiser
                 # step, so pass 0's log-probs are pi_old (no extra forward)
                 first_look = pass_index == 0 and (fused or not scored)
-                chunks = self.micro_batches(len(minibatch))
+                chunks = self.micro_batches(minibatch)
                 # Every backward is a DDP all-reduce: a process that kept fewer groups than
                 # another makes up the difference with zero-weight micro-batches.
                 padding = int(self.dist.max(len(chunks))) - len(chunks)
@@ -290,7 +292,7 @@ class RLModule(pl.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
                 parts: list[tuple[dict[str, Tensor], float]] = []
                 for rows in chunks:
-                    part = minibatch.rows(rows)
+                    part = take(minibatch, rows)
                     # the entropy of what the policy sampled; pairs were not sampled by it
                     out = self.policy_forward(part, with_entropy=first_look and self.experience.on_policy)
                     if first_look:
@@ -317,9 +319,7 @@ class RLModule(pl.LightningModule):
                     self.manual_backward(loss * 0.0)  # zero gradient, same all-reduce
                     parts.append((metrics, 0.0))
                 if first_look and algorithm.passes_per_batch > 1:
-                    batch.old_logprobs = (
-                        torch.cat(old_logprobs) if old_logprobs else torch.zeros_like(batch.completion_mask)
-                    )
+                    batch.old_logprobs = scatter(old_logprobs, chunks, batch.completion_mask)
                 metrics = combine_micro_batches(parts)
                 clip = self.config.optim.grad_clip or math.inf
                 trainable = [p for p in self.parameters() if p.requires_grad]
@@ -353,8 +353,9 @@ class RLModule(pl.LightningModule):
         parts: list[RolloutBatch] = []
         entropy_sum, gap = 0.0, -math.inf
         with inference_mode(self.policy):
-            for rows in self.micro_batches(len(batch)):
-                part = batch.rows(rows)
+            chunks = self.micro_batches(batch)
+            for rows in chunks:
+                part = take(batch, rows)
                 out = self.policy_forward(part, with_entropy=True)
                 part.old_logprobs = out.logprobs
                 parts.append(self.algorithm.score(part, out.hidden))
@@ -363,13 +364,13 @@ class RLModule(pl.LightningModule):
                 gap = max(gap, logprob_gap(part, out.logprobs))
         if not parts:
             return batch, entropy_sum, gap
-        return RolloutBatch.concat(parts, self.tokenizer.pad_token_id), entropy_sum, gap
+        return merge(parts, chunks, batch), entropy_sum, gap
 
-    def micro_batches(self, rows: int) -> list[slice]:
-        """Row slices of ``train.micro_batch_size`` rows that never split an example (a pair)."""
-        unit = self.experience.rows_per_example
-        size = -(-self.config.train.micro_batch_size // unit) * unit
-        return micro_batches(rows, size)
+    def micro_batches(self, batch: RolloutBatch) -> list[Rows]:
+        """The batch's micro-batches (``rlbench.microbatch.plan``): ``train.micro_batch_size``
+        rows, or a ``train.micro_batch_tokens`` budget; an example (a pair) is never split."""
+        train = self.config.train
+        return plan(batch, self.experience.rows_per_example, train.micro_batch_size, train.micro_batch_tokens)
 
     def minibatches(self, batch: RolloutBatch) -> list[RolloutBatch]:
         """The batch split in ``minibatches_per_pass`` parts, by group: group ``g`` goes to
@@ -387,10 +388,9 @@ class RLModule(pl.LightningModule):
 
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor:
         assert self.reference is not None
-        chunks = self.micro_batches(len(batch))
-        if not chunks:
-            return torch.zeros_like(batch.completion_mask)
-        return torch.cat([self.reference.logprobs(batch.rows(c), self.temperature) for c in chunks])
+        chunks = self.micro_batches(batch)
+        parts = [self.reference.logprobs(take(batch, rows), self.temperature) for rows in chunks]
+        return scatter(parts, chunks, batch.completion_mask)
 
     def reference_scorer(self, batch: RolloutBatch) -> Tensor:
         """The reference's per-token log-probs of ``batch``: the loaded reference, or -- when

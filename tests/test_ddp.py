@@ -115,6 +115,27 @@ def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path)
     assert kept[0] == kept[1] and min(kept[0]) < 8  # groups were dropped, the same ones
 
 
+@pytest.mark.slow
+def test_token_budget_micro_batches_match_one_process(tmp_path: Path):
+    """Packed by length under a token budget, each process splits its share into its own
+    number of micro-batches (its completions' lengths differ from the other's); zero-weight
+    padding keeps the backward all-reduces in step, and the run ends with the 1-process
+    parameters."""
+    common = (
+        "rollout.prompts_per_step=8",
+        "rollout.max_new_tokens=12",  # a random-weight model ends some completions early
+        "train.micro_batch_tokens=60",
+        "algorithm.grpo.beta=0",
+    )
+    one, one_summary = run_cli(tmp_path, "one", *common, timeout=600)
+    two, two_summary = run_cli(
+        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
+    )
+    assert two_summary["steps"] == one_summary["steps"] == 3
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, atol=1e-5), name
+
+
 def kept_groups(run: Path) -> list[float]:
     rows = csv.DictReader((run / "csv" / "metrics.csv").open())
     return [float(r["train/kept_groups"]) for r in rows if r.get("train/kept_groups")]
