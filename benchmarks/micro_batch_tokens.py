@@ -8,9 +8,13 @@ The run trains normally until its third step; that step's batch (sampled by the 
 its completion lengths are the model's own) then goes through ``RLModule.update`` ``--reps``
 times with no budget and with ``--budget``, alternately, so both see the same machine load.
 Printed: each variant's minimum and median seconds, the batch's completion lengths, and the
-budget's micro-batches with the padded cells (rows x (prompt + longest completion)) they
-compute against the whole batch's. Each repetition is a real optimiser step, so the weights
-move a little between repetitions; the work per repetition does not change.
+budget's micro-batches: their padded cells (rows x (prompt + longest completion), what the
+budget bounds) and the tokens their forwards compute (each distinct prompt once per
+micro-batch, plus the completions), against the whole batch's. Sorting by length splits a
+group's rows, so a prompt shared by a group may be computed in several micro-batches: with
+long prompts and short completions that can cost more than the trimming saves. Each
+repetition is a real optimiser step, so the weights move a little between repetitions; the
+work per repetition does not change.
 
 ``--shape`` takes ``grpo_step.py``'s random-weight presets (GRPO, 8 prompts x G = 8);
 ``--config`` any run config (``--set`` overrides it). Run with nothing else busy.
@@ -29,6 +33,7 @@ import lightning.pytorch as pl
 from grpo_step import SHAPES  # benchmarks/ is on sys.path when this runs as a script
 
 from rlbench.config import load_config
+from rlbench.forward import distinct_prompts
 from rlbench.microbatch import completion_lengths, take
 from rlbench.run import train
 
@@ -67,13 +72,22 @@ class UpdateAB(pl.Callback):
         whole = len(batch) * (prompt + batch.completion_ids.shape[1])
         parts = [take(batch, rows) for rows in module.micro_batches(batch)]
         cells = sum(len(p) * (prompt + p.completion_ids.shape[1]) for p in parts)
+        computed, computed_whole = sum(forward_tokens(p) for p in parts), forward_tokens(batch)
         self.report = [
             f"batch: {len(batch)} rows, prompt width {prompt}, completion lengths mean "
             f"{float(lengths.float().mean()):.1f} max {int(lengths.max())}",
             f"budget {self.budget}: {len(parts)} micro-batches of {[len(p) for p in parts]} rows, "
             f"widths {[prompt + p.completion_ids.shape[1] for p in parts]}; "
-            f"{cells} padded cells against {whole} ({cells / whole:.2f}x)",
+            f"{cells} padded cells against {whole} ({cells / whole:.2f}x); tokens through the "
+            f"forward {computed} against {computed_whole} ({computed / computed_whole:.2f}x)",
         ]
+
+
+def forward_tokens(batch: Any) -> int:
+    """Positions a teacher-forced forward computes: each distinct prompt once
+    (``rlbench.forward``), then every row's completion at the micro-batch's width."""
+    prompts = distinct_prompts(batch.prompt_ids, batch.prompt_mask)[0]
+    return prompts.shape[0] * prompts.shape[1] + batch.completion_ids.numel()
 
 
 def main() -> None:

@@ -161,8 +161,11 @@ def dry_run(config: RunConfig) -> DryRunReport:
     eval_rows = min(-(-config.eval.num_prompts // world), _eval_chunk())
     generation_rows = max(rollout_rows, eval_rows)
 
-    activations = train_rows * tokens * hidden * layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
-    logit_rows = train_rows * (completion_tokens + 1)
+    train_tokens = train_rows * tokens
+    if config.train.micro_batch_tokens:  # packed by a token budget: a row wider than it goes alone
+        train_tokens = min(train_tokens, max(config.train.micro_batch_tokens, tokens))
+    activations = train_tokens * hidden * layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
+    logit_rows = train_tokens * (completion_tokens + 1) // tokens
     if config.train.logprob_chunk_tokens and getattr(text, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
         logit_rows = min(logit_rows, config.train.logprob_chunk_tokens)  # rlbench.logprobs: by chunks
     activations = activations * act_bytes // 2 + logit_rows * vocab * 4 * 2

@@ -91,6 +91,13 @@ def test_qwen_dry_run_counts_published_parameters_and_writes_nothing(tmp_path, q
     assert m.total == m.weights + m.gradients + m.optimizer + m.reference + max(m.activations, m.kv_cache)
 
 
+def test_a_token_budget_bounds_the_activations_by_tokens(tmp_path, qwen_dir):
+    # 64 rows x 72 tokens = 4,608 tokens at once without a budget; 720 (10 rows) with one
+    config = qwen_config(tmp_path, qwen_dir, "train.micro_batch_tokens=720")
+    m = dry_run(config).memory
+    assert m.activations == 720 * 896 * 24 * 34 * 4 // 2 + 10 * 9 * 151936 * 4 * 2
+
+
 def test_lora_trains_adapters_only_and_keeps_no_reference_copy(tmp_path, qwen_dir):
     report = dry_run(qwen_config(tmp_path, qwen_dir, "model.lora.r=16"))
     assert report.total_params == QWEN25_05B_PARAMS
