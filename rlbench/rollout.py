@@ -134,26 +134,39 @@ class DecodeLoop(RolloutBackend):
         vocab = slice(0, self.vocab_size)  # real tokens only
         logits = out.logits[row_of, -1, vocab].float()
         next_position = position_ids(mask)[:, -1:] + 1
-        tokens, logprobs = [], []
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        completion_ids = torch.full(
+            (rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device
+        )
+        logprobs = torch.zeros(rows, params.max_new_tokens, dtype=torch.float32, device=device)
+        # Rows still decoding, as indices into the batch. A row that emits EOS leaves the
+        # decoding batch (its KV cache rows are dropped), so later steps run only the rows
+        # that still need tokens: with uneven lengths most of the decoding work.
+        live = torch.arange(rows, device=device)
+        width = params.max_new_tokens
         for t in range(params.max_new_tokens):
             if t > 0:
                 logits = out.logits[:, -1, vocab].float()
             if greedy:
                 token = logits.argmax(-1)
-                logp = torch.zeros(rows, device=device)
+                logp = torch.zeros(len(live), dtype=torch.float32, device=device)
             else:
                 logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
                 log_dist = torch.log_softmax(logits, dim=-1)
                 token = sample_tokens(log_dist, uniforms[:, t])
                 logp = log_dist.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-            token = token.masked_fill(finished, self.pad_token_id)
-            tokens.append(token)
-            logprobs.append(logp.masked_fill(finished, 0.0))
-            finished = finished | (token == self.eos_token_id)
-            if bool(finished.all()) or t == params.max_new_tokens - 1:
+            completion_ids[live, t] = token
+            logprobs[live, t] = logp
+            going = token != self.eos_token_id
+            if not bool(going.any()) or t == params.max_new_tokens - 1:
+                width = t + 1
                 break
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(-1)
+                live, token, mask, next_position = live[keep], token[keep], mask[keep], next_position[keep]
+                uniforms = None if uniforms is None else uniforms[keep]
+                cache.reorder_cache(keep)
+            if padded:
+                mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], dim=1)
             out = model(
                 input_ids=token.unsqueeze(-1),
                 attention_mask=mask if padded else None,
@@ -162,9 +175,9 @@ class DecodeLoop(RolloutBackend):
                 **cache_arg,
             )
             next_position = next_position + 1
-        completion_ids = torch.stack(tokens, dim=1)
+        completion_ids = completion_ids[:, :width]
         return Rollout(
-            completion_ids, completion_mask(completion_ids, self.eos_token_id), torch.stack(logprobs, 1)
+            completion_ids, completion_mask(completion_ids, self.eos_token_id), logprobs[:, :width]
         )
 
 

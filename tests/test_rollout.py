@@ -88,6 +88,27 @@ def test_rollout_logprobs_match_teacher_forcing(policy, texts: list[str]):
         assert len({tuple(r) for r in rollout.completion_ids[:4].tolist()}) > 1
 
 
+def test_rows_that_finish_leave_the_decoding_batch_without_changing_the_others(policy):
+    """A row that emits EOS is dropped from the decoding batch (its KV cache rows with it), so
+    later steps run only the rows still going. Every row must still get exactly the tokens and
+    behaviour log-probs that decoding all rows to the end would give: its log-probs equal a
+    teacher-forced pass over its own prompt and completion, and one row decoded alone
+    matches its row in the batch."""
+    texts, seeds = PROMPTS * 4, [derive_seed(2, i) for i in range(32)]
+    ids, mask, rollout = sample(policy, texts, seeds, temperature=2.0)
+    lengths = rollout.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) >= 4 and float(lengths.min()) < 6  # rows left at many steps
+    logprobs, _ = completion_logprobs(
+        policy[0], ids, mask, rollout.completion_ids, rollout.completion_mask, temperature=2.0
+    )
+    m = rollout.completion_mask
+    assert torch.allclose(logprobs * m, rollout.logprobs * m, atol=1e-5)
+    longest = int(lengths.argmax())
+    alone = sample(policy, texts[longest : longest + 1], seeds[longest : longest + 1], temperature=2.0)[2]
+    n = int(lengths[longest])
+    assert alone.completion_ids[0, :n].tolist() == rollout.completion_ids[longest, :n].tolist()
+
+
 def test_entropy_is_exact(policy):
     model, _ = policy
     ids, mask, rollout = sample(policy, PROMPTS[:2], SEEDS[:2])
