@@ -42,8 +42,9 @@ def plan(batch: RolloutBatch, unit: int, max_rows: int, max_tokens: int) -> list
     max_rows = -(-max_rows // unit) * unit if max_rows else 0
     if not max_tokens or rows == 0:
         return list(micro_batches(rows, max_rows))
-    lengths = completion_lengths(batch.completion_mask).clamp(min=1).view(-1, unit).amax(1)
-    order = torch.sort(lengths.cpu(), stable=True).indices.tolist()
+    # on the host once: reading lengths one by one from a GPU would sync per example
+    lengths = completion_lengths(batch.completion_mask).clamp(min=1).view(-1, unit).amax(1).cpu()
+    order = torch.sort(lengths, stable=True).indices.tolist()
     prompt_width = batch.prompt_ids.shape[1]
     groups: list[list[int]] = [[]]
     for example in order:
