@@ -51,22 +51,30 @@ class StepTimer(pl.Callback):
         self.rollouts.append(module.last_metrics.get("perf/rollout_s", 0.0))
 
 
-def measure(shape: str, precision: str, steps: int, extra: list[str] | None = None) -> dict[str, float]:
+def shape_overrides(shape: str, cache_dir: str) -> list[str]:
+    """A shape's run: its random-weight preset (built in ``cache_dir``, no warm start) doing
+    GRPO on 2-digit addition, B = 64 (8 prompts x G = 8), beta 0.04."""
     preset, new_tokens = SHAPES[shape]
+    return [
+        f"warmstart.cache_dir={cache_dir}",
+        "warmstart.enabled=false",
+        f"model.name_or_path={preset}",
+        "task.name=arithmetic",
+        "algorithm.name=grpo",
+        "algorithm.grpo.group_size=8",
+        "algorithm.grpo.beta=0.04",
+        "rollout.prompts_per_step=8",
+        f"rollout.max_new_tokens={new_tokens}",
+    ]
+
+
+def measure(shape: str, precision: str, steps: int, extra: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             None,
             [
                 f"output_dir={tmp}/run",
-                f"warmstart.cache_dir={tmp}/cache",
-                "warmstart.enabled=false",
-                f"model.name_or_path={preset}",
-                "task.name=arithmetic",
-                "algorithm.name=grpo",
-                "algorithm.grpo.group_size=8",
-                "algorithm.grpo.beta=0.04",
-                "rollout.prompts_per_step=8",
-                f"rollout.max_new_tokens={new_tokens}",
+                *shape_overrides(shape, f"{tmp}/cache"),
                 f"trainer.max_steps={steps + 1}",
                 f"trainer.precision={precision}",
                 "trainer.checkpoint_every=100000",

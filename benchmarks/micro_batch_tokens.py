@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from grpo_step import SHAPES  # benchmarks/ is on sys.path when this runs as a script
+from grpo_step import SHAPES, shape_overrides  # benchmarks/ is on sys.path when this runs as a script
 
 from rlbench.config import load_config
 from rlbench.forward import distinct_prompts
@@ -113,19 +113,7 @@ def main() -> None:
         if args.config:
             config = load_config(args.config, [*common, *args.set])
         else:
-            preset, new_tokens = SHAPES[args.shape]
-            shape = [
-                f"warmstart.cache_dir={tmp}/cache",
-                "warmstart.enabled=false",
-                f"model.name_or_path={preset}",
-                "task.name=arithmetic",
-                "algorithm.name=grpo",
-                "algorithm.grpo.group_size=8",
-                "algorithm.grpo.beta=0.04",
-                "rollout.prompts_per_step=8",
-                f"rollout.max_new_tokens={new_tokens}",
-            ]
-            config = load_config(None, [*shape, *common, *args.set])
+            config = load_config(None, [*shape_overrides(args.shape, f"{tmp}/cache"), *common, *args.set])
         ab = UpdateAB(args.budget, args.reps)
         train(config, progress_bar=False, callbacks=[ab])
     print(f"{args.config or args.shape}: RLModule.update on one batch, {args.reps} repetitions each")

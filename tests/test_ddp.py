@@ -67,13 +67,22 @@ def run_cli(
     return state, json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path: Path):
-    one, one_summary = run_cli(tmp_path, "one")
-    two, two_summary = run_cli(tmp_path, "two", "trainer.devices=2", "trainer.strategy=ddp")
+def matches_one_process(tmp_path: Path, *overrides: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Runs ``overrides`` as 1 process and as a 2-process DDP run (gloo, CPU); asserts both
+    ran 3 steps and ended with the same parameters. Returns the 1-process state, and both
+    summaries."""
+    one, one_summary = run_cli(tmp_path, "one", *overrides)
+    two, two_summary = run_cli(tmp_path, "two", *overrides, "trainer.devices=2", "trainer.strategy=ddp")
     assert two_summary["steps"] == one_summary["steps"] == 3
+    assert one.keys() == two.keys()
     for name, value in one.items():
         assert torch.allclose(two[name], value, atol=1e-5), name
+    return one, one_summary, two_summary
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path: Path):
+    one, one_summary, two_summary = matches_one_process(tmp_path)
     from transformers import AutoModelForCausalLM
 
     # both start from one warm start (rank 0 builds it before the second process starts)
@@ -104,13 +113,7 @@ def test_dynamic_sampling_with_micro_batches_matches_one_process(tmp_path: Path)
         "train.micro_batch_size=4",
         "algorithm.grpo.beta=0",
     )
-    one, one_summary = run_cli(tmp_path, "one", *common, timeout=600)
-    two, two_summary = run_cli(
-        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
-    )
-    assert two_summary["steps"] == one_summary["steps"] == 3
-    for name, value in one.items():
-        assert torch.allclose(two[name], value, atol=1e-5), name
+    matches_one_process(tmp_path, *common)
     kept = [kept_groups(tmp_path / run) for run in ("one", "two")]
     assert kept[0] == kept[1] and min(kept[0]) < 8  # groups were dropped, the same ones
 
@@ -127,13 +130,7 @@ def test_token_budget_micro_batches_match_one_process(tmp_path: Path):
         "train.micro_batch_tokens=60",
         "algorithm.grpo.beta=0",
     )
-    one, one_summary = run_cli(tmp_path, "one", *common, timeout=600)
-    two, two_summary = run_cli(
-        tmp_path, "two", *common, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
-    )
-    assert two_summary["steps"] == one_summary["steps"] == 3
-    for name, value in one.items():
-        assert torch.allclose(two[name], value, atol=1e-5), name
+    matches_one_process(tmp_path, *common)
 
 
 def kept_groups(run: Path) -> list[float]:
@@ -159,14 +156,7 @@ def kept_groups(run: Path) -> list[float]:
     ids=["ppo", "dpo"],
 )
 def test_two_process_ddp_matches_one_process_for_other_algorithms(tmp_path: Path, algorithm: tuple[str, ...]):
-    one, one_summary = run_cli(tmp_path, "one", *algorithm, timeout=600)
-    two, two_summary = run_cli(
-        tmp_path, "two", *algorithm, "trainer.devices=2", "trainer.strategy=ddp", timeout=600
-    )
-    assert two_summary["steps"] == one_summary["steps"] == 3
-    assert one.keys() == two.keys()
-    for name, value in one.items():
-        assert torch.allclose(two[name], value, atol=1e-5), name
+    one, _, _ = matches_one_process(tmp_path, *algorithm)
     if "algorithm.name=ppo" in algorithm:
         head = one["algorithm_modules.value_head.linear.weight"]
         assert head.abs().sum() > 0  # the zero-initialised value head trained
