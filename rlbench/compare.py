@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from rlbench.cellstore import DONE, FAILED, PENDING, RUNNING, CellStore, Heartbeat
-from rlbench.config import dump_yaml, read_yaml
+from rlbench.config import dump_yaml
+from rlbench.config_files import read_yaml
 from rlbench.errors import ERROR_FILE_ENV, RLBenchError
 from rlbench.matrix import LOGS_DIR, MATRIX_FILE, Matrix, MatrixError, load_matrix
 from rlbench.progress import ENV, MatrixStatus, clock

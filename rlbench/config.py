@@ -18,17 +18,17 @@ import dataclasses
 import hashlib
 import json
 import math
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from rlbench.errors import ConfigError, RLBenchError, require
+from rlbench.config_files import parse_scalar, read_yaml, set_dotted
+from rlbench.errors import ConfigError, require
 from rlbench.registry import ALGORITHMS, TASKS, RegistryError, did_you_mean
+from rlbench.typecheck import build_dataclass, flatten
 
 
 @dataclass
@@ -487,7 +487,7 @@ class RunConfig:
         data = self.to_dict()
         data["algorithm"] = self.algorithm.selected()
         data["logging"].pop("tags")  # tags, not parameters
-        return dict(_flatten(data))
+        return dict(flatten(data))
 
 
 def default_plugin(registry: Any, name: str) -> PluginConfig:
@@ -514,73 +514,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(
                 item, item, "overrides are written dotted.key=value, e.g. algorithm.grpo.beta=0.0"
             )
-        set_dotted(data, key.strip(), _parse_scalar(raw))
+        set_dotted(data, key.strip(), parse_scalar(raw))
     return build(RunConfig, data, "")
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RLBenchError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and opened:  # e.g. an unclosed list: say where it was opened
-            problem += f" ({context} at line {opened.line + 1})"
-        raise RLBenchError(f"config file {str(path)!r}: YAML syntax error{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RLBenchError(
-            f"config file {str(path)!r} must hold a mapping of sections (model:, task:, ...), "
-            f"not a {type(data).__name__}"
-        )
-    return data
-
-
-def spec_checker(
-    data: Mapping[str, Any], keys: tuple[str, ...], path: Path, kind: str, error: type[RLBenchError]
-) -> Callable[[str, Any, str], RLBenchError]:
-    """For a file that names a base run config (a comparison matrix, a sweep): refuses keys
-    not in ``keys`` and returns ``fail(key, value, allowed)``, the error naming the file."""
-
-    def fail(key: str, value: Any, allowed: str) -> RLBenchError:
-        return error(f"{path}: {key}={value!r} is invalid: {allowed}")
-
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise fail(unknown[0], data[unknown[0]], f"not a {kind} key; the keys are {', '.join(keys)}")
-    return fail
-
-
-def read_base(base: str, path: Path, error: type[RLBenchError]) -> dict[str, Any]:
-    """The run config ``base`` names, relative to the file ``path`` that names it."""
-    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    try:
-        return read_yaml(base_path)
-    except RLBenchError as err:
-        raise error(f"{path}: base: {err}") from None
-
-
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(part, child, f"{part!r} is a value, not a section; cannot set {key!r}")
-        node = child
-    node[leaf] = value
 
 
 def build(cls: type, data: Any, path: str) -> Any:
@@ -591,8 +526,8 @@ def build(cls: type, data: Any, path: str) -> Any:
             "task": _build_plugin(TASKS, data.pop("task", {}), "task"),
             "algorithm": _build_algorithm(data.pop("algorithm", {})),
         }
-        return _build_dataclass(cls, data, path, extra=plugins)
-    return _build_dataclass(cls, data, path)
+        return build_dataclass(cls, data, path, extra=plugins)
+    return build_dataclass(cls, data, path)
 
 
 def _build_algorithm(data: Any) -> PluginConfig:
@@ -626,7 +561,7 @@ def _build_algorithm(data: Any) -> PluginConfig:
             raise ConfigError(
                 where, value, f"unknown algorithm section{hint}; valid: name, {', '.join(names)}"
             )
-        sections[key] = _build_dataclass(ALGORITHMS.get(key).Config, value or {}, where)
+        sections[key] = build_dataclass(ALGORITHMS.get(key).Config, value or {}, where)
     sections.setdefault(name, ALGORITHMS.get(name).Config())
     return PluginConfig(name, sections[name], sections)
 
@@ -643,105 +578,7 @@ def _build_plugin(registry: Any, data: Any, path: str) -> PluginConfig:
         plugin = registry.get(name)
     except RegistryError as err:
         raise ConfigError(f"{path}.name", name, str(err)) from None
-    return PluginConfig(name, _build_dataclass(plugin.Config, data, path, reserved=("name",)))
-
-
-def _build_dataclass(
-    cls: type, data: Any, path: str, extra: dict[str, Any] | None = None, reserved: tuple[str, ...] = ()
-) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(path or "config", data, f"a mapping of {cls.__name__} fields")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs: dict[str, Any] = dict(extra or {})
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in known:
-            choices = [*reserved, *known]
-            raise ConfigError(
-                where,
-                value,
-                f"unknown field{did_you_mean(str(key), choices)}; "
-                f"valid fields{' of ' + path if path else ''}: {', '.join(choices)}",
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = build(tp, value, where)  # type: ignore[arg-type]
-        else:
-            kwargs[key] = check_type(value, tp, where)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise err.under(path) from None
-
-
-def check_type(value: Any, tp: Any, where: str) -> Any:
-    """``value`` converted to type ``tp`` (a YAML scalar to the field's type), else ConfigError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
-            return value
-        raise ConfigError(where, value, f"one of {', '.join(repr(a) for a in allowed)}")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return check_type(value, option, where)
-            except ConfigError as err:
-                errors.append(err.allowed)
-        raise ConfigError(where, value, " or ".join(errors + (["null"] if type(None) in options else [])))
-    if origin in (tuple, list):
-        (item_type, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(where, value, "a list")
-        items = [check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, Mapping):
-            raise ConfigError(where, value, "a mapping")
-        items = value.items()
-        return {check_type(k, key_type, where): check_type(v, value_type, f"{where}.{k}") for k, v in items}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(where, value, "true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(where, value, "an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(where, value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(where, value, "a string")
-    raise TypeError(f"unsupported config field type {tp!r} at {where}")
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+    return PluginConfig(name, build_dataclass(plugin.Config, data, path, reserved=("name",)))
 
 
 def config_hash(*sections: Any) -> str:

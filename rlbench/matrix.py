@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from rlbench.config import RunConfig, build, read_base, read_yaml, set_dotted, spec_checker
+from rlbench.config import RunConfig, build
+from rlbench.config_files import read_base, read_yaml, set_dotted, spec_checker
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.registry import ALGORITHMS, TASKS, RegistryError
 

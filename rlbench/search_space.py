@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rlbench.config import RunConfig, build, set_dotted
+from rlbench.config import RunConfig, build
+from rlbench.config_files import set_dotted
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.registry import ALGORITHMS
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlbench.config import RunConfig, build, dump_yaml, read_base, read_yaml, set_dotted, spec_checker
+from rlbench.config import RunConfig, build, dump_yaml
+from rlbench.config_files import read_base, read_yaml, set_dotted, spec_checker
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.search_space import SearchSpace, SearchSpaceError, grid_size, parse_space
 from rlbench.workers import run_workers, this_worker
