@@ -1,9 +1,13 @@
-"""The non-finite guard's diagnosis: what went NaN or inf in a step, named for the user."""
+"""The non-finite guard: what went NaN or inf in a step, named for the user, and the count of
+skipped updates that stops a run after too many in a row."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -13,6 +17,37 @@ from rlbench.errors import RLBenchError
 
 class NonFiniteError(RLBenchError):
     """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+@dataclass
+class SkippedUpdates:
+    """Updates skipped for a non-finite loss or gradient: in all (``train/skipped_steps``) and
+    in a row now. ``max_in_a_row`` of them in a row stop the run; checkpoints in
+    ``checkpoints`` are left as they are, and the error says whether there is one."""
+
+    max_in_a_row: int
+    checkpoints: Path
+    total: int = 0
+    in_a_row: int = 0
+
+    def record(self, cause: str | None, where: str) -> None:
+        """One update's outcome: ``cause`` names what was not finite, None for a good update."""
+        if cause is None:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        pl.utilities.rank_zero_warn(f"skipped the update of {where}: non-finite {cause}")
+        if self.in_a_row >= self.max_in_a_row:
+            kept = (
+                f"the last good checkpoint is kept in {self.checkpoints}"
+                if any(self.checkpoints.glob("*.ckpt"))
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteError(
+                f"stopped at {where}: {self.in_a_row} consecutive updates had a non-finite "
+                f"{cause}; {kept} (train.max_bad_steps={self.max_in_a_row})"
+            )
 
 
 def non_finite_cause(batch: RolloutBatch, logprobs: Tensor, loss: Tensor) -> str:

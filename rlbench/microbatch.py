@@ -124,3 +124,16 @@ def merge(parts: list[RolloutBatch], plan_: list[Rows], whole: RolloutBatch) -> 
                 out[rows] = value
         merged[f.name] = out
     return replace(whole, **merged)
+
+
+def minibatches(batch: RolloutBatch, k: int, group_size: int) -> list[RolloutBatch]:
+    """``batch`` split in ``k`` minibatches (an optimiser step each), by group: group ``g`` goes
+    to minibatch ``g mod k``, so every minibatch mixes prompts from the whole step."""
+    if k == 1:
+        return [batch]
+    groups = len(batch) // group_size
+    parts = []
+    for j in range(k):
+        rows = [g * group_size + i for g in range(j, groups, k) for i in range(group_size)]
+        parts.append(batch.rows(torch.tensor(rows, dtype=torch.long, device=batch.rewards.device)))
+    return parts

@@ -34,10 +34,11 @@ from rlbench.data import PromptSource
 from rlbench.evaluation import Evaluator
 from rlbench.experience import ExperienceSource, RolloutCollector
 from rlbench.forward import ForwardOutput, batch_forward
-from rlbench.guard import NonFiniteError, logprob_gap, non_finite_cause, non_finite_gradient
+from rlbench.guard import NonFiniteError, SkippedUpdates, logprob_gap, non_finite_cause, non_finite_gradient
 from rlbench.lora import AdapterReference, apply_lora
 from rlbench.metrics import combine_micro_batches, reduce_passes
-from rlbench.microbatch import Rows, merge, plan, scatter, take
+from rlbench.microbatch import Rows, merge, minibatches, plan, scatter, take
+from rlbench.optim import optimizer_and_schedule
 from rlbench.pair_source import PairSource
 from rlbench.policy import (
     disable_dropout,
@@ -130,9 +131,8 @@ class RLModule(pl.LightningModule):
         self.logged_steps: list[dict[str, set[int]]] = []
         #: Rollout steps taken (it also counts skipped updates, so their prompts are not redrawn).
         self.rollout_step = 0
-        #: Updates skipped for a non-finite loss or gradient: in all, and in a row now.
-        self.skipped_steps = 0
-        self.bad_in_a_row = 0
+        #: Updates skipped for a non-finite loss or gradient; too many in a row stop the run.
+        self.skipped = SkippedUpdates(config.train.max_bad_steps, Path(config.output_dir) / "checkpoints")
 
     @property
     def optimizer_steps_per_rollout_step(self) -> int:
@@ -148,25 +148,8 @@ class RLModule(pl.LightningModule):
         own = [p for p in self.algorithm_modules.parameters() if p.requires_grad]
         if own:
             groups.append({"params": own, "lr": self.algorithm.module_lr or optim.lr})
-        # fused: one kernel for all parameters instead of a Python loop over them (CPU and CUDA)
-        optimizer = torch.optim.AdamW(
-            groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=True
-        )
-        # the scheduler steps once per optimiser step
         total = self.config.trainer.max_steps * self.optimizer_steps_per_rollout_step
-
-        def factor(step: int) -> float:
-            if step < optim.warmup_steps:
-                return (step + 1) / (optim.warmup_steps + 1)
-            progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
-            if optim.schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-            if optim.schedule == "linear":
-                return max(0.0, 1 - progress)
-            return 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_and_schedule(groups, optim, total)
 
     def on_fit_start(self) -> None:
         if isinstance(self.reference, FrozenReference):
@@ -216,8 +199,8 @@ class RLModule(pl.LightningModule):
         checkpoint["rlbench_config"] = self.config.to_dict()
         checkpoint["rlbench_state"] = {
             "rollout_step": self.rollout_step,
-            "skipped_steps": self.skipped_steps,
-            "bad_in_a_row": self.bad_in_a_row,
+            "skipped_steps": self.skipped.total,
+            "bad_in_a_row": self.skipped.in_a_row,
             "eval_history": [list(item) for item in self.eval_history],
             "algorithm": self.algorithm.state_dict(),
         }
@@ -225,8 +208,8 @@ class RLModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["rlbench_state"]
         self.rollout_step = int(state["rollout_step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.skipped.total = int(state["skipped_steps"])
+        self.skipped.in_a_row = int(state["bad_in_a_row"])
         self.eval_history = [(int(s), float(a)) for s, a in state["eval_history"]]
         self.algorithm.load_state_dict(state.get("algorithm", {}))
 
@@ -272,7 +255,7 @@ class RLModule(pl.LightningModule):
         old_logprobs: list[Tensor] = []
         cause: str | None = None  # what went non-finite, if anything
         for pass_index in range(algorithm.passes_per_batch):
-            for minibatch in self.minibatches(batch):
+            for minibatch in minibatches(batch, algorithm.minibatches_per_pass, algorithm.group_size):
                 # pi_old is the policy that sampled: these very weights until the first optimiser
                 # step, so pass 0's log-probs are pi_old (no extra forward)
                 first_look = pass_index == 0 and (fused or not scored)
@@ -334,9 +317,9 @@ class RLModule(pl.LightningModule):
                 scheduler.step()
             if cause is not None and not math.isfinite(history[-1]["grad_norm"]):
                 break
-        self.guard(cause)
+        self.skipped.record(cause, f"rollout step {self.rollout_step} (optimiser step {self.global_step})")
         out = {f"train/{name}": value for name, value in reduce_passes(history).items()}
-        out["train/skipped_steps"] = float(self.skipped_steps)
+        out["train/skipped_steps"] = float(self.skipped.total)
         if self.experience.on_policy:  # sampled by the policy: the entropy and gap are its own
             out["train/behaviour_logprob_gap"] = behaviour_gap
             tokens = self.dist.sum(float(batch.completion_mask.sum()))
@@ -372,20 +355,6 @@ class RLModule(pl.LightningModule):
         train = self.config.train
         return plan(batch, self.experience.rows_per_example, train.micro_batch_size, train.micro_batch_tokens)
 
-    def minibatches(self, batch: RolloutBatch) -> list[RolloutBatch]:
-        """The batch split in ``minibatches_per_pass`` parts, by group: group ``g`` goes to
-        minibatch ``g mod k``, so every minibatch mixes prompts from the whole step."""
-        k = self.algorithm.minibatches_per_pass
-        if k == 1:
-            return [batch]
-        size = self.algorithm.group_size
-        groups = len(batch) // size
-        parts = []
-        for j in range(k):
-            rows = [g * size + i for g in range(j, groups, k) for i in range(size)]
-            parts.append(batch.rows(torch.tensor(rows, dtype=torch.long, device=batch.rewards.device)))
-        return parts
-
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor:
         assert self.reference is not None
         chunks = self.micro_batches(batch)
@@ -413,27 +382,6 @@ class RLModule(pl.LightningModule):
             group = self.score(group)[0]
         group = self.algorithm.prepare(group)
         return group.rows(slice(0, self.experience.rows_per_example))
-
-    def guard(self, cause: str | None) -> None:
-        """Counts skipped updates; stops the run after ``train.max_bad_steps`` in a row."""
-        if cause is None:
-            self.bad_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self.bad_in_a_row += 1
-        where = f"rollout step {self.rollout_step} (optimiser step {self.global_step})"
-        pl.utilities.rank_zero_warn(f"skipped the update of {where}: non-finite {cause}")
-        if self.bad_in_a_row >= self.config.train.max_bad_steps:
-            checkpoints = Path(self.config.output_dir) / "checkpoints"
-            kept = (
-                f"the last good checkpoint is kept in {checkpoints}"
-                if any(checkpoints.glob("*.ckpt"))
-                else "no checkpoint had been written yet"
-            )
-            raise NonFiniteError(
-                f"stopped at {where}: {self.bad_in_a_row} consecutive updates had a non-finite "
-                f"{cause}; {kept} (train.max_bad_steps={self.config.train.max_bad_steps})"
-            )
 
     def policy_forward(self, batch: RolloutBatch, with_entropy: bool = False) -> ForwardOutput:
         """The policy's log-probs of ``batch`` (and entropy; hidden states when the algorithm

@@ -87,7 +87,7 @@ def test_nan_gradient_is_skipped_and_the_run_recovers(make_config):
     trainer = pl.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, train_dataloaders=StepTicks())
     # max_steps counts rollout steps, a skipped one included: one skipped, two real updates
-    assert module.skipped_steps == 1 and module.rollout_step == 3
+    assert module.skipped.total == 1 and module.rollout_step == 3
     assert trainer.global_step == 2
     assert all(torch.isfinite(v).all() for v in module.policy.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())

@@ -12,7 +12,7 @@ import torch
 from rlbench.algorithm import RolloutBatch
 from rlbench.config import load_config
 from rlbench.errors import ConfigError
-from rlbench.microbatch import merge, plan, scatter, take
+from rlbench.microbatch import merge, minibatches, plan, scatter, take
 from rlbench.run import train
 from tasks.arithmetic import Arithmetic
 
@@ -138,6 +138,15 @@ def test_results_per_micro_batch_go_back_to_their_rows():
     assert torch.equal(merged.old_logprobs, batch.completion_mask * 2)
     assert torch.equal(merged.completion_ids, batch.completion_ids)
     assert torch.equal(merged.rewards, batch.rewards)
+
+
+def test_minibatches_deal_whole_groups_round_robin():
+    batch = batch_of([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6], group_size=2)  # 6 groups of 2 rows
+    parts = minibatches(batch, k=3, group_size=2)
+    # group g goes to minibatch g mod 3: groups (0, 3), (1, 4), (2, 5)
+    assert [p.rewards.tolist() for p in parts] == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
+    assert [p.group_size for p in parts] == [2, 2, 2]
+    assert minibatches(batch, k=1, group_size=2) == [batch]
 
 
 def test_a_negative_token_budget_is_refused():
