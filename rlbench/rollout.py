@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +92,29 @@ def sample_tokens(log_dist: Tensor, uniforms: Tensor) -> Tensor:
     return torch.where(token >= probs.shape[-1], last_with_mass, token)
 
 
+@contextmanager
+def weights_cast_once(device_type: str) -> Iterator[None]:
+    """Inside an autocast region (``bf16-mixed``), casts each trainable weight to the
+    low-precision dtype once for the block instead of at every model call.
+
+    Lightning's autocast turns autocast's cast cache off (a cached cast would outlive an
+    optimiser step inside ``training_step``), so each decoding step would cast the whole model
+    again. No weight changes while a block samples, so the cache is safe here, and it is
+    emptied on the way out: no cast outlives the block. The casts are the same, so are the
+    samples. Measured on the medium preset (64 rows, 32 new tokens, 2 CPU cores): sampling
+    3-9% faster (docs/benchmarks.md). Frozen weights (a LoRA base model's) are never cached by
+    autocast and are still cast per call.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+        try:
+            yield
+        finally:
+            torch.clear_autocast_cache()
+
+
 class DecodeLoop(RolloutBackend):
     """A hand-written decode loop over a Hugging Face model's KV cache.
 
@@ -110,6 +135,17 @@ class DecodeLoop(RolloutBackend):
 
     @torch.no_grad()
     def generate(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        seeds: list[int],
+        params: SamplingParams,
+    ) -> Rollout:
+        with weights_cast_once(prompt_ids.device.type):
+            return self.decode(model, prompt_ids, prompt_mask, seeds, params)
+
+    def decode(
         self,
         model: nn.Module,
         prompt_ids: Tensor,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlbench.errors import RLBenchError
 from rlbench.forward import completion_forward, completion_logprobs, decoder_trunk
@@ -229,3 +231,67 @@ def test_char_tokenizer_is_left_padded():
     tokenizer = char_tokenizer(ALPHABET)
     enc = tokenizer(["1+1=", "12+34="], padding=True)
     assert enc["attention_mask"][0] == [0, 0, 1, 1, 1, 1]
+
+
+class CountCasts(TorchDispatchMode):
+    """Counts casts to bfloat16 (autocast's weight and activation casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            self.casts += 1
+        return func(*args, **kwargs)
+
+
+def test_bf16_sampling_casts_each_weight_once_and_never_keeps_a_stale_cast(policy, monkeypatch):
+    """Under Lightning's autocast (its cast cache off), the decode loop reuses one bf16 cast of
+    each weight for the whole rollout: the same samples, far fewer casts, and a weight changed
+    after a rollout (an optimiser step in the same training_step) is cast afresh."""
+    lightning_autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    model = policy[0]
+    texts, seeds = PROMPTS * 2, [derive_seed(3, i) for i in range(16)]
+
+    def rollout_and_casts():
+        with CountCasts() as counter:
+            out = sample(policy, texts, seeds, temperature=1.0)[2]
+        return out, counter.casts
+
+    with lightning_autocast:
+        reused, reused_casts = rollout_and_casts()
+        with monkeypatch.context() as patch:
+            patch.setattr("rlbench.rollout.weights_cast_once", lambda device_type: contextlib.nullcontext())
+            every_call, every_call_casts = rollout_and_casts()
+        assert torch.equal(reused.completion_ids, every_call.completion_ids)
+        assert torch.equal(reused.logprobs, every_call.logprobs)
+        # every model call after the first (the prompts' prefill) re-cast each linear weight
+        calls = reused.completion_ids.shape[1]
+        linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert calls >= 8 and every_call_casts - reused_casts >= (calls - 1) * linears
+
+        original = {name: p.detach().clone() for name, p in model.named_parameters()}
+        try:
+            with torch.no_grad():  # an optimiser step between two rollouts of one training_step
+                for p in model.parameters():
+                    p.mul_(-1.5)
+            after, _ = rollout_and_casts()
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(original[name])
+    assert not torch.equal(after.logprobs, reused.logprobs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            fresh = sample(policy, texts, seeds, temperature=1.0)[2]  # a new region: nothing cached
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(original[name])
+    assert torch.equal(after.completion_ids, fresh.completion_ids)
+    assert torch.equal(after.logprobs, fresh.logprobs)
