@@ -13,6 +13,8 @@ from rlbench.errors import ConfigError, RLBenchError
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML file holds ({} for an empty file); a missing file, a syntax error
+    (with its line) or a top level that is not a mapping is an ``RLBenchError``."""
     if not path.is_file():
         raise RLBenchError(f"config file {str(path)!r} does not exist")
     try:

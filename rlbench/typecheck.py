@@ -108,6 +108,7 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of nested mappings."""
     for key, value in data.items():
         if isinstance(value, Mapping):
             yield from flatten(value, f"{prefix}{key}.")
