@@ -47,7 +47,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from grpo_step import SHAPES, StepTimer  # benchmarks/ is on sys.path when this runs as a script
+from grpo_step import SHAPES, TIMED, StepTimer  # benchmarks/ is on sys.path when this runs as a script
 
 from rlbench.config import load_config
 from rlbench.policy import char_tokenizer
@@ -169,10 +169,7 @@ def measure(
         f"rollout.max_new_tokens={new_tokens}",
         f"trainer.max_steps={WARMUP + steps + 1}",
         f"trainer.precision={precision}",
-        "trainer.checkpoint_every=100000",
-        "eval.every_n_steps=100000",
-        "eval.num_prompts=8",
-        "logging.mlflow=false",
+        *TIMED,
         "optim.lr=1e-4",
         *device,
     ]

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from grpo_step import SHAPES, StepTimer, shape_overrides  # benchmarks/ is on sys.path as a script
+from grpo_step import SHAPES, StepTimer, train_shape  # benchmarks/ is on sys.path as a script
 from torch.utils.flop_counter import FlopCounterMode
 
-from rlbench.config import load_config
 from rlbench.policy import PRESETS
-from rlbench.run import train
 
 PRESET_OF = {"tiny4": "tiny-llama", "tiny16": "tiny-llama", "medium": "medium-llama"}
 
@@ -68,25 +65,6 @@ class CountStep(pl.Callback):
             del module.experience.collect  # the instance attribute; the method is back
 
 
-def run(shape: str, precision: str, steps: int, callback: pl.Callback) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            None,
-            [
-                f"output_dir={tmp}/run",
-                *shape_overrides(shape, f"{tmp}/cache"),
-                f"trainer.max_steps={steps}",
-                f"trainer.precision={precision}",
-                "trainer.checkpoint_every=100000",
-                "eval.every_n_steps=100000",
-                "eval.num_prompts=8",
-                "logging.mlflow=false",
-                "optim.lr=1e-4",
-            ],
-        )
-        train(config, progress_bar=False, callbacks=[callback])
-
-
 def gemm_rate(rows: int, shape: dict[str, int], dtype: torch.dtype, repeats: int = 20) -> float:
     """FLOP/s of the model's linear layers at ``rows`` rows: the q/k/v/o, gate/up and down
     projections in their proportions (4 x h*h, 2 x h*i, 1 x i*h per layer)."""
@@ -117,7 +95,7 @@ def main() -> None:
     shape = PRESETS[PRESET_OF[args.shape]]
     print(f"GRPO step at {args.shape}, B=64, threads={torch.get_num_threads()}")
     counted = CountStep(at=2)
-    run(args.shape, "32-true", 4, counted)  # the FLOPs do not depend on the precision
+    train_shape(args.shape, "32-true", 4, counted)  # the FLOPs do not depend on the precision
     train_flops = counted.total - counted.sampling
     print(
         f"matmul FLOPs of one step: {counted.total / 1e9:.0f} G "
@@ -127,7 +105,7 @@ def main() -> None:
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
         timer = StepTimer()
-        run(args.shape, precision, args.steps + 1, timer)
+        train_shape(args.shape, precision, args.steps + 1, timer)
         step = statistics.median(timer.steps[2:-1])
         sampling = statistics.median(timer.rollouts[2:-1])
         train_rate = gemm_rate(2048, shape, dtype)

@@ -68,25 +68,39 @@ def shape_overrides(shape: str, cache_dir: str) -> list[str]:
     ]
 
 
-def measure(shape: str, precision: str, steps: int, extra: list[str] | None = None) -> dict[str, float]:
+#: What a timed run sets: nothing between steps but the steps (no checkpoint, no evaluation
+#: until the final one, on 8 prompts; no MLflow).
+TIMED = [
+    "trainer.checkpoint_every=100000",
+    "eval.every_n_steps=100000",
+    "eval.num_prompts=8",
+    "logging.mlflow=false",
+]
+
+
+def train_shape(
+    shape: str, precision: str, max_steps: int, callback: pl.Callback, extra: list[str] | None = None
+) -> None:
+    """Trains ``shape``'s run for ``max_steps`` steps at lr 1e-4 in a temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
             None,
             [
                 f"output_dir={tmp}/run",
                 *shape_overrides(shape, f"{tmp}/cache"),
-                f"trainer.max_steps={steps + 1}",
+                f"trainer.max_steps={max_steps}",
                 f"trainer.precision={precision}",
-                "trainer.checkpoint_every=100000",
-                "eval.every_n_steps=100000",
-                "eval.num_prompts=8",
-                "logging.mlflow=false",
+                *TIMED,
                 "optim.lr=1e-4",
                 *(extra or []),
             ],
         )
-        timer = StepTimer()
-        train(config, progress_bar=False, callbacks=[timer])
+        train(config, progress_bar=False, callbacks=[callback])
+
+
+def measure(shape: str, precision: str, steps: int, extra: list[str] | None = None) -> dict[str, float]:
+    timer = StepTimer()
+    train_shape(shape, precision, steps + 1, timer, extra)
     # the first two steps warm up allocators; the last one runs the final evaluation
     steady = timer.steps[2:-1]
     return {

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from grpo_step import SHAPES, shape_overrides  # benchmarks/ is on sys.path when this runs as a script
+from grpo_step import SHAPES, TIMED, shape_overrides  # benchmarks/ is on sys.path when this runs as a script
 
 from rlbench.config import load_config
 from rlbench.forward import distinct_prompts
@@ -105,10 +105,7 @@ def main() -> None:
         common = [
             f"output_dir={tmp}/run",
             f"trainer.max_steps={TIMED_STEP + 1}",
-            "trainer.checkpoint_every=100000",
-            "eval.every_n_steps=100000",
-            "eval.num_prompts=8",
-            "logging.mlflow=false",
+            *TIMED,
         ]
         if args.config:
             config = load_config(args.config, [*common, *args.set])
