@@ -11,9 +11,10 @@ No sampling during training: the policy learns from fixed preference pairs ``(x,
 
 On a task with a verifier the pairs come from the task itself (``rlbench.pair_source``): ``k``
 samples per prompt from the warm-start policy -- the reference -- scored by the verifier, a
-rewarded completion paired with an unrewarded one. They are built once into the cache with the
-reference's log-probs, so every seed and every DPO variant trains on identical pairs; or
-``pairs_file`` gives a JSONL of your own. ``refresh_every: N`` rebuilds the pairs from the
+rewarded completion paired with an unrewarded one. They are built once per seed into the cache
+with the reference's log-probs: the run's seed draws the pair prompts and samples, as it draws
+every on-policy algorithm's experience (``pairs_seed: N`` shares one pair set across seeds
+instead); or ``pairs_file`` gives a JSONL of your own. ``refresh_every: N`` rebuilds the pairs from the
 current policy every ``N`` steps (online / iterative DPO). Log-probs are scored at T = 1.
 """
 
@@ -51,8 +52,10 @@ class DPOConfig:
     """Completions sampled per prompt from the reference; a pair needs a rewarded and an unrewarded one."""
     pairs_per_prompt: int = 1
     """Distinct (chosen, rejected) pairs kept per prompt."""
-    pairs_seed: int = 0
-    """Seed of the pair-building draws: fixed, not the run seed, so every seed trains on the same pairs."""
+    pairs_seed: int | None = None
+    """Seed of the pair-building draws (prompts, samples, reward noise); null: the run's seed,
+    so each seed trains on its own pairs, as on-policy algorithms draw their own experience. An
+    integer shares one pair set across seeds (then a seed varies only the order pairs come in)."""
     refresh_every: int = 0
     """Online (iterative) DPO: rebuild the pairs from the current policy every this many steps; 0: offline."""
 
@@ -95,6 +98,16 @@ class DPO(Algorithm):
     @property
     def group_size(self) -> int:
         return 2  # a pair's chosen and rejected completions
+
+    @property
+    def seed_varies(self) -> str:
+        cfg = self.config
+        refreshed = "; refreshed pairs follow the policy" if cfg.refresh_every else ""
+        if cfg.pairs_file is not None:
+            return f"only the order of the pairs from pairs_file{refreshed}"
+        if cfg.pairs_seed is not None:
+            return f"only the order of one shared pair set (pairs_seed={cfg.pairs_seed}){refreshed}"
+        return "pair prompts, samples and reward noise, and the order pairs are served in"
 
     @property
     def needs_reference(self) -> bool:

@@ -7,10 +7,14 @@ Every token of ``o_i`` gets the same advantage::
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)        (scale_rewards, std)
 
 Per token, with ``rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})``
-and the KL to the frozen reference ``pi_ref`` estimated by ``k3`` (or ``k1``, ``k2``)::
+and the KL to the frozen reference ``pi_ref`` estimated by ``k3`` (or ``k2``, ``k1+``, ``k3+``)::
 
     L_{i,t} = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_{i,t}
     KL_{i,t} = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1
+
+In the loss an estimator acts through its gradient: k3's descends the forward KL(pi_ref || pi),
+k2's, k1+'s and k3+'s the reverse KL(pi || pi_ref), and k1's is zero in expectation, so k1 is
+refused with ``beta > 0`` (docs/kl_estimators.md).
 
 The objective, maximised (loss = -objective), aggregates ``L`` over tokens (loss_aggregation)::
 
@@ -45,7 +49,7 @@ from torch import Tensor
 
 from rlbench.algorithm import Algorithm, AllReduceSum, LossScale, RolloutBatch, single_process
 from rlbench.errors import require
-from rlbench.estimators import KL_ESTIMATORS, group_advantages, process_advantages
+from rlbench.estimators import K1_IN_LOSS, KL_ESTIMATORS, group_advantages, process_advantages
 from rlbench.losses import AGGREGATIONS, clipped_policy_loss
 from rlbench.registry import ALGORITHMS
 
@@ -66,8 +70,9 @@ class GRPOConfig:
     """Upper clip range: the ratio is clipped above at 1 + eps_high (DAPO clip-higher uses 0.28)."""
     beta: float = 0.04
     """Coefficient of the per-token KL penalty to the reference; 0 loads no reference model."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator of the penalty: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r."""
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = "k3"
+    """Per-token KL estimator of the penalty: k2 = (log r)^2 / 2, k3 = r - 1 - log r, k1+ and k3+ (k1's,
+    k3's value with k2's gradient); k1 = -log r is refused with beta > 0 (its expected gradient is 0)."""
     mu: int = 1
     """Optimisation passes over each batch of rollouts (GRPO's mu)."""
     loss_aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = (
@@ -108,6 +113,10 @@ class GRPOConfig:
             "kl_estimator",
             self.kl_estimator,
             f"must be one of {', '.join(KL_ESTIMATORS)}",
+        )
+        # the penalty acts through its gradient alone, and k1's is zero in expectation
+        require(
+            not (self.beta > 0.0 and self.kl_estimator == "k1"), "kl_estimator", self.kl_estimator, K1_IN_LOSS
         )
         require(self.mu >= 1, "mu", self.mu, "must be >= 1 (optimisation passes per batch)")
         require(

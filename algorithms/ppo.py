@@ -1,5 +1,5 @@
 """PPO with a critic, KL in the reward and GAE (Schulman et al. 2017; Ouyang et al. 2022), as in
-OpenRLHF (THEORY sections 3 and 9).
+OpenRLHF.
 
 Sample ``G`` completions per prompt (one by default) from ``pi_old``. Per token, with ``T`` the
 completion's last token and ``r`` the task's reward, the reward carries the KL to the frozen
@@ -19,7 +19,10 @@ optionally whitened over the whole step (all processes). The loss is the clipped
 
     L_V = 0.5 * max((V - ret)^2, (clip(V, V_old - c, V_old + c) - ret)^2)
 
-``ppo_epochs`` passes over each batch, each split into ``minibatches`` optimiser steps.
+``ppo_epochs`` passes over each batch, each split into ``minibatches`` optimiser steps, the
+minibatches reshuffled every epoch (from the seed, step and epoch). ``critic_warmup_steps``
+first rollout steps train the critic alone; ``value_head_detach`` keeps the value loss out of
+the shared trunk.
 ``kl_coef`` is fixed, or adaptive (Ziegler et al. 2019): after a step with measured KL ``k``,
 ``e = clip(k / target_kl - 1, -0.2, 0.2)`` and ``kl_coef <- kl_coef * (1 + e * n / horizon)``
 (``n`` samples in the step); it is run state, checkpointed and restored on ``--resume``.
@@ -61,7 +64,7 @@ class PPOConfig:
     kl_ctl: float = 0.05
     """KL coefficient in the per-token reward (the initial one when adaptive_kl)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator of the reward penalty (THEORY: k1 default, k3 allowed)."""
+    """Per-token KL estimator of the reward penalty (k1 by default: unbiased in value)."""
     adaptive_kl: bool = False
     """Adapt the KL coefficient towards target_kl (Ziegler et al. 2019); false keeps it fixed."""
     target_kl: float = 0.02
@@ -93,6 +96,12 @@ class PPOConfig:
     separate critic, a trainable copy of the starting policy with its own value head."""
     critic_lr: float | None = None
     """Learning rate of the critic's parameters; null uses optim.lr."""
+    critic_warmup_steps: int = 0
+    """Rollout steps at the start that train the critic alone, the policy frozen (OpenRLHF's
+    freezing_actor_steps): the first advantages then come from a critic that has seen returns."""
+    value_head_detach: bool = False
+    """With critic: head, stop the value loss at the value head: the shared trunk learns from
+    the policy loss alone (the trunk's features still serve the head)."""
 
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "group_size", self.group_size, "an integer >= 1")
@@ -128,6 +137,9 @@ class PPOConfig:
         require(self.critic in ("head", "model"), "critic", self.critic, "'head' or 'model'")
         require(
             self.critic_lr is None or self.critic_lr > 0, "critic_lr", self.critic_lr, "a number > 0 or null"
+        )
+        require(
+            self.critic_warmup_steps >= 0, "critic_warmup_steps", self.critic_warmup_steps, "an integer >= 0"
         )
 
 
@@ -186,6 +198,13 @@ class PPO(Algorithm):
     def module_lr(self) -> float | None:
         return self.config.critic_lr
 
+    @property
+    def modules_name(self) -> str:
+        return "value"  # train/value_grad_norm: the critic's gradient, apart from the policy's
+
+    def trains_policy(self, rollout_step: int) -> bool:
+        return rollout_step >= self.config.critic_warmup_steps
+
     def build_modules(self, policy: nn.Module) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {}
         if self.config.critic == "model":
@@ -202,8 +221,10 @@ class PPO(Algorithm):
         assert self.value_head is not None, "build_modules was not called"
         if self.critic_model is not None:
             hidden = batch_forward(self.critic_model, batch, 1.0, with_hidden=True).hidden
-        if hidden is None:
+        elif hidden is None:
             raise ValueError("PPO with a value head needs the policy's hidden states")
+        elif self.config.value_head_detach:
+            hidden = hidden.detach()
         return self.value_head(hidden)
 
     def score(self, batch: RolloutBatch, hidden: Tensor | None) -> RolloutBatch:
@@ -226,7 +247,10 @@ class PPO(Algorithm):
     def loss(
         self, logprobs: Tensor, batch: RolloutBatch, scale: LossScale, hidden: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped policy loss + vf_coef * clipped value loss; both shares are logged."""
+        """Clipped policy loss + vf_coef * clipped value loss, minimised together.
+
+        Logged apart, so PPO reads like every other algorithm: ``loss`` is the policy's share
+        alone, ``value_loss`` the critic's (unweighted)."""
         cfg = self.config
         if batch.returns is None or batch.old_values is None or batch.ref_logprobs is None:
             raise ValueError("PPO.loss needs returns, old_values and ref_logprobs; call prepare first")
@@ -242,11 +266,12 @@ class PPO(Algorithm):
         loss = policy_loss + cfg.vf_coef * value_loss
         kl = kl_estimate(cfg.kl_estimator, logprobs.detach(), batch.ref_logprobs)
         metrics.update(
-            loss=loss.detach(),
-            policy_loss=policy_loss.detach(),
+            loss=policy_loss.detach(),
             value_loss=value_loss.detach(),
             value_clip_frac=masked_mean(value_clipped.to(mask.dtype), mask).detach(),
-            value_explained_var=explained_variance(values.detach(), batch.returns, mask),
+            # V_old: the critic's values before it saw this batch, so the figure is a prediction
+            # on fresh states, not the fit that several epochs over the same batch reach
+            value_explained_var=explained_variance(batch.old_values, batch.returns, mask),
             values_mean=masked_mean(values.detach(), mask),
             returns_mean=masked_mean(batch.returns, mask),
             kl=masked_mean(torch.where(mask.bool(), kl, torch.zeros_like(kl)), mask),

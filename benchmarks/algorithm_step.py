@@ -49,7 +49,7 @@ import lightning.pytorch as pl
 import torch
 from grpo_step import SHAPES, TIMED, StepTimer  # benchmarks/ is on sys.path when this runs as a script
 
-from rlbench.config import load_config
+from rlbench.config import cpu_summary, load_config
 from rlbench.policy import char_tokenizer
 from rlbench.run import train
 from tasks.arithmetic import Arithmetic
@@ -253,6 +253,7 @@ def main() -> None:
         *args.set,
     ]
     shapes = {None: ["tiny16", "medium"], "all": list(SHAPES)}.get(args.shape, [args.shape])
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(
         f"rlbench algorithms side by side: 64 rows per step (8 prompts x 8 for grpo/ppo/rloo, "
         f"32 pairs for dpo), {args.precision}, threads={torch.get_num_threads()}, "

@@ -28,6 +28,7 @@ import torch
 from grpo_step import SHAPES, StepTimer, train_shape  # benchmarks/ is on sys.path as a script
 from torch.utils.flop_counter import FlopCounterMode
 
+from rlbench.config import cpu_summary
 from rlbench.policy import PRESETS
 
 PRESET_OF = {"tiny4": "tiny-llama", "tiny16": "tiny-llama", "medium": "medium-llama"}
@@ -93,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     precisions = args.precision or ["32-true", "bf16-mixed"]
     shape = PRESETS[PRESET_OF[args.shape]]
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(f"GRPO step at {args.shape}, B=64, threads={torch.get_num_threads()}")
     counted = CountStep(at=2)
     train_shape(args.shape, "32-true", 4, counted)  # the FLOPs do not depend on the precision

@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from rlbench.config import load_config
+from rlbench.config import cpu_summary, load_config
 from rlbench.run import train
 
 SHAPES = {
@@ -125,6 +125,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(
         f"rlbench GRPO step, B=64 (8 prompts x G=8), beta=0.04, {args.precision}, "
         f"threads={torch.get_num_threads()}" + (f", {' '.join(args.set)}" if args.set else "")

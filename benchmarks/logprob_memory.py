@@ -158,7 +158,10 @@ def disagreement(naive: dict[str, float], chunked: dict[str, float]) -> float:
 
 
 def report(args: argparse.Namespace, cases: tuple[Case, ...], results: list[dict[str, Any]]) -> None:
+    from rlbench.config import cpu_summary  # here: the measured children ran without this import
+
     batch, tokens = SHAPE
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(
         f"log-probs + entropy, forward + backward: B={batch} T={tokens} fp32 CPU, threads={args.threads}, "
         f"chunk_tokens={args.chunk_tokens}, median of {args.repeats}; peak = RSS high-water mark "

@@ -134,7 +134,10 @@ def build_preset(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    from rlbench.config import cpu_summary  # here: the measured children ran without this import
+
     cuda = "peak_cuda_mib" in results["full"]
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(
         f"{args.preset}: {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens, "
         f"{args.steps} steps, beta {args.beta}, LoRA r={args.rank}, accelerator {args.accelerator}"

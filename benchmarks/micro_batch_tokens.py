@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 from grpo_step import SHAPES, TIMED, shape_overrides  # benchmarks/ is on sys.path when this runs as a script
 
-from rlbench.config import load_config
+from rlbench.config import cpu_summary, load_config
 from rlbench.forward import distinct_prompts
 from rlbench.microbatch import completion_lengths, take
 from rlbench.run import train
@@ -113,6 +113,7 @@ def main() -> None:
             config = load_config(None, [*shape_overrides(args.shape, f"{tmp}/cache"), *common, *args.set])
         ab = UpdateAB(args.budget, args.reps)
         train(config, progress_bar=False, callbacks=[ab])
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(f"{args.config or args.shape}: RLModule.update on one batch, {args.reps} repetitions each")
     print("\n".join(ab.report))
     for budget, seconds in ab.seconds.items():

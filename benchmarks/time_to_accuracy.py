@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from rlbench.config import load_config
+from rlbench.config import cpu_summary, load_config
 from rlbench.run import train
 from rlbench.warmstart import warm_start
 
@@ -243,6 +243,7 @@ def main() -> None:
         load_config(ROOT / "configs" / "grpo_addition.yaml", [*base, f"warmstart.cache_dir={cache}"]),
         quiet=True,
     )
+    print(cpu_summary())  # every figure below was measured on this CPU's kernels
     print(
         f"time to accuracy: warm start {model_dir} (validation accuracy {info['accuracy']:.3f}); "
         f"{args.steps} steps, B=64 (8 x G=8), lr 1e-4, beta 0.04, eval every {args.eval_every}; "

@@ -129,6 +129,14 @@ class Algorithm(abc.ABC):
         """Rows per prompt in a batch: completions sampled per prompt (2 for a preference pair)."""
 
     @property
+    def seed_varies(self) -> str:
+        """What a run's seed varies in this algorithm's experience, as a short phrase for
+        reports: an interval over seeds measures that variation and no other. (Besides, the
+        seed of every run draws the warm start unless ``warmstart.seed`` is set, the eval
+        prompts when ``eval.num_prompts`` is below the eval split, and LoRA's initial adapters.)"""
+        return "prompts, samples and reward noise"
+
+    @property
     def needs_reference(self) -> bool:
         """Whether the module must load a frozen reference and fill ``batch.ref_logprobs``."""
         return False
@@ -192,6 +200,19 @@ class Algorithm(abc.ABC):
     def module_lr(self) -> float | None:
         """Learning rate of ``build_modules``' parameters; None: ``optim.lr``."""
         return None
+
+    @property
+    def modules_name(self) -> str:
+        """What ``build_modules``' parameters are called in metrics: their gradient norm is
+        logged as ``train/<name>_grad_norm``, apart from the policy's ``train/grad_norm``, so
+        every algorithm's ``train/grad_norm`` is its policy's."""
+        return "modules"
+
+    def trains_policy(self, rollout_step: int) -> bool:
+        """Whether rollout step ``rollout_step`` updates the policy. False trains only the
+        algorithm's own modules (a critic's warm-up): the policy's gradients are dropped, so
+        neither the optimiser nor weight decay touches it."""
+        return True
 
     def score(self, batch: RolloutBatch, hidden: Tensor | None) -> RolloutBatch:
         """Adds per-row quantities of the policy before the update, from the no-grad pass of

@@ -6,15 +6,22 @@ solution ends in ``#### 12``, a maths model writes ``\\boxed{12}``, an R1-style 
 None when it states none); ``answers_match`` then compares numbers as numbers (``12``,
 ``12.0`` and `` 12.`` are equal, so are ``1,200`` and ``1200``) and anything else as trimmed
 text.
+
+For GSM8K and MATH-style answers ``task.verifier: math_verify`` hands the comparison to Hugging
+Face's math-verify (an extra: ``pip install "rlbench[math]"``), which reads LaTeX and compares
+values: ``\\frac{3}{4}`` is 0.75, the last ``\\boxed{}`` is the answer whatever numbers follow it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
-from rlbench.errors import RLBenchError
+from rlbench.errors import ConfigError, RLBenchError
 from rlbench.registry import did_you_mean
 
 # A number as people write it: sign, thousands separators, decimals, a trailing full stop.
@@ -121,3 +128,64 @@ def answers_match(extracted: str | None, expected: str) -> bool:
     if a is not None and b is not None:
         return a == b
     return " ".join(extracted.split()) == " ".join(expected.split())
+
+
+# ---------------------------------------------------------------- math-verify
+
+#: ``task.verifier`` values: ``extractor`` reads the answer with an extractor and compares it
+#: with ``answers_match``; ``math_verify`` compares with Hugging Face's math-verify.
+VERIFIERS = ("extractor", "math_verify")
+MATH_VERIFY_INSTALL = 'pip install "rlbench[math]"'
+#: Seconds math-verify may spend parsing or comparing one answer: a pathological completion
+#: (a huge power, a deep nesting) must cost a reward of 0, not a stalled step.
+MATH_VERIFY_TIMEOUT_S = 5
+
+
+def require_math_verify(field: str) -> None:
+    """Raise ``ConfigError`` on ``field`` unless math-verify can be imported."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            field,
+            "math_verify",
+            f"needs the math-verify package, which is not installed: {MATH_VERIFY_INSTALL} "
+            "(or pip install math-verify)",
+        ) from None
+
+
+def _timeout() -> int | None:
+    # math-verify's timeout is signal.alarm, which only the main thread may set; elsewhere it
+    # raises, so a thread runs without one
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> tuple[Any, ...]:
+    # cached: the reward, the format check and maj@k's vote read the same completion, and
+    # every completion of a prompt is compared with the same expected answer
+    from math_verify import parse
+
+    return tuple(parse(text, parsing_timeout=_timeout()))
+
+
+def math_answer(text: str | None) -> str | None:
+    """The answer math-verify reads from ``text`` in one spelling per value (``\\frac{3}{4}`` and
+    ``0.75`` are ``3/4``, so majority votes count them together); None when it reads none."""
+    if text is None:
+        return None
+    parsed = _parse(text)
+    if not parsed:
+        return None
+    return canonical(str(parsed[0]))  # sympy's Float 0.75 prints 0.750000000000000: canonical -> 3/4
+
+
+def math_answers_match(text: str | None, expected: str) -> bool:
+    """Whether math-verify finds ``text`` equal to ``expected`` (parsed too, as math-verify asks
+    of its gold answers: ``"0.75"`` and ``"7"`` parse as plain numbers). No answer never matches."""
+    if text is None:
+        return False
+    from math_verify import verify
+
+    gold, answer = _parse(expected), _parse(text)
+    return bool(gold and answer) and verify(list(gold), list(answer), timeout_seconds=_timeout())

@@ -114,17 +114,14 @@ def prepare(matrix: Matrix) -> None:
 
         import mlflow
 
+        from rlbench.tracking import ensure_experiment
+
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its schema set-up chatter
 
         client = mlflow.MlflowClient(matrix.tracking_uri())
-        experiment = client.get_experiment_by_name(matrix.name)
-        if experiment is None:
-            try:
-                client.create_experiment(matrix.name)
-            except mlflow.exceptions.MlflowException:  # created by a worker on another machine
-                pass
-            experiment = client.get_experiment_by_name(matrix.name)
-        experiment_id = experiment.experiment_id
+        # created with its kind, so MLflow 3's UI opens it on its runs (or found: another
+        # worker on another machine may have made it a moment ago)
+        experiment_id = ensure_experiment(client, matrix.name)
         client.set_experiment_tag(experiment_id, "rlbench.matrix", json.dumps(matrix_tag(matrix)))
 
 

@@ -126,9 +126,10 @@ class RolloutConfig:
     backend: Literal["decode_loop"] = "decode_loop"
     """Sampler: ``decode_loop`` is a batched KV-cache loop with per-completion seeded draws."""
     micro_batch_size: int = 0
-    """Completions generated at once (bounds generation memory); 0 generates the whole step at once.
-    For pair-based algorithms (DPO) it also bounds the pair-building pass (``num_prompts x
-    samples_per_prompt`` completions), so it may exceed their step's batch."""
+    """Completions generated at once (bounds generation memory); 0, or any value at least the
+    step's batch, generates the whole step at once (stored as 0). For pair-based algorithms
+    (DPO) it also bounds the pair-building pass (``num_prompts x samples_per_prompt``
+    completions), so there it is kept as set even above their step's batch."""
 
     def __post_init__(self) -> None:
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "an integer >= 1")
@@ -150,7 +151,9 @@ class RolloutConfig:
 class TrainConfig:
     micro_batch_size: int = 0
     """Completions per forward/backward; gradients are accumulated over a step's micro-batches
-    (bounds training memory, same loss to float precision). 0 uses the whole batch at once."""
+    (bounds training memory, same loss to float precision). 0, or any value at least the step's
+    batch, uses the whole batch at once (stored as 0). For pair-based algorithms (DPO) it also
+    bounds the reference's pass over all pairs, so there it is kept as set."""
     micro_batch_tokens: int = 0
     """Token budget of a micro-batch instead of (or besides) a row count: completions are sorted
     by length and packed so that ``rows x (prompt width + longest completion)`` stays within it,
@@ -225,8 +228,12 @@ class TrainerConfig:
     """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ... (any Lightning strategy name)."""
     num_nodes: int = 1
     """Machines in a multi-node run (Lightning ``num_nodes``)."""
-    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
-    """Lightning precision; log-probs, KL and entropy are computed in fp32 regardless."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed", "auto"] = "auto"
+    """Lightning precision; log-probs, KL and entropy are computed in fp32 regardless. ``auto``
+    picks ``bf16-mixed`` where the device runs bf16 natively (a CUDA GPU of compute capability
+    8.0 or more, a CPU with AVX512-BF16 or AMX) and ``32-true`` elsewhere, where bf16 is
+    emulated and many times slower; the run prints its choice and records the resolved value
+    (``RLBENCH_AUTO_PRECISION`` pins what ``auto`` means, as the test suite does)."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many rollout steps (and at the last step), whatever ``mu``."""
     num_threads: int = 0
@@ -453,21 +460,19 @@ class RunConfig:
                 f"which task {self.task.name!r} does not give; use a task with steps (multistep) "
                 f"or outcome advantages",
             )
-        group_size = algorithm.group_size
-        batch = self.rollout.prompts_per_step * group_size
-        bounded = [("train.micro_batch_size", self.train.micro_batch_size)]
+        # A micro-batch at least as large as the step's batch is the whole batch: making the step
+        # smaller (rollout.prompts_per_step=2) must not be refused over a micro-batch the user
+        # never touched. Stored as 0, so that every reader runs exactly the whole-batch path
+        # (pass 0's forward doubling as the pi_old scores, the dry run's estimate). A
+        # pair-based algorithm keeps both as set: they also bound passes far larger than its
+        # step (sampling num_prompts x samples_per_prompt completions, the reference's
+        # log-probs of every pair).
         if algorithm.experience == "rollouts":
-            # a pair-based algorithm's sampler also builds its pairs, a far larger batch than a step
-            bounded.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
-        for name, value in bounded:
-            require(
-                value <= batch,
-                name,
-                value,
-                f"at most the step's batch of {batch} completions "
-                f"(rollout.prompts_per_step x algorithm.{self.algorithm.name}.group_size), "
-                f"or 0 for the whole batch",
-            )
+            batch = self.rollout.prompts_per_step * algorithm.group_size
+            if self.train.micro_batch_size >= batch:
+                self.train.micro_batch_size = 0
+            if self.rollout.micro_batch_size >= batch:
+                self.rollout.micro_batch_size = 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -595,3 +600,145 @@ def config_hash(*sections: Any) -> str:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)), sort_keys=False)
+
+
+# ---------------------------------------------------------------- precision
+
+
+#: What ``trainer.precision: auto`` picks where bf16 is native: bf16 matmuls, fp32 weights,
+#: gradients and optimiser state (``bf16-true`` halves memory too, but is a different recipe).
+AUTO_BF16 = "bf16-mixed"
+AUTO_FP32 = "32-true"
+#: Pins what ``auto`` resolves to, whatever the device: results that must not depend on the
+#: machine's kernels (the test suite, a cluster of mixed CPUs) set it to ``32-true``.
+AUTO_PRECISION_ENV = "RLBENCH_AUTO_PRECISION"
+#: oneDNN ISA caps below AVX512_CORE_BF16: bf16 matmuls go through oneDNN, and under these caps
+#: it emulates them (a 512 x 512 bf16 matmul at ~1.7 GFLOP/s against ~60 in fp32, measured on an
+#: AVX512-BF16 EPYC with ONEDNN_MAX_CPU_ISA=AVX2).
+_ONEDNN_NO_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def resolve_precision(requested: str, device: str) -> tuple[str, str]:
+    """The Lightning precision a run uses on ``device`` (``cpu``, ``cuda``, ...) and why.
+
+    An explicit precision is kept as it is. ``auto`` becomes ``bf16-mixed`` only where bf16 is
+    native (``bf16_support``), else ``32-true``; ``RLBENCH_AUTO_PRECISION`` overrides the probe.
+    """
+    import os
+    import typing
+
+    if requested != "auto":
+        return requested, "set by trainer.precision"
+    pinned = os.environ.get(AUTO_PRECISION_ENV, "").strip()
+    if pinned:
+        choices = typing.get_args(typing.get_type_hints(TrainerConfig)["precision"])
+        allowed = [p for p in choices if p != "auto"]
+        if pinned not in allowed:
+            raise ConfigError(AUTO_PRECISION_ENV, pinned, "one of " + ", ".join(map(repr, allowed)))
+        return pinned, f"auto, pinned by {AUTO_PRECISION_ENV}={pinned}"
+    native, why = bf16_support(device)
+    return (AUTO_BF16 if native else AUTO_FP32), f"auto: {why}"
+
+
+def bf16_support(device: str) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 matmuls natively, and a phrase that says why (or why not)."""
+    if device == "cpu":
+        return cpu_bf16_support()
+    if device == "cuda":
+        return cuda_bf16_support()
+    return False, f"bf16 is only chosen where native support can be checked (CPU, CUDA), not on {device!r}"
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """AVX512-BF16 or AMX, and nothing in the environment forcing kernels without them.
+
+    ``torch.backends.cpu.get_cpu_capability()`` says ``AVX512`` with or without bf16, so the bf16
+    instructions are probed separately. ``ATEN_CPU_CAPABILITY=avx2`` (torch's AVX2 kernels) and a
+    oneDNN cap below AVX512_CORE_BF16 (``ONEDNN_MAX_CPU_ISA``, which is where bf16 matmuls run)
+    count as no native bf16: the user asked for kernels without it.
+    """
+    import os
+
+    import torch
+
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if aten and not aten.lower().startswith("avx512"):
+        return False, f"ATEN_CPU_CAPABILITY={aten} forces kernels without native bf16"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(name, "").strip()
+        if cap.upper() in _ONEDNN_NO_BF16:
+            return False, f"{name}={cap} caps oneDNN (bf16 matmuls) below AVX512_CORE_BF16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    found = [name for name, present in _cpu_bf16_instructions().items() if present]
+    if found and capability.startswith("AVX512"):
+        return True, f"this CPU has {' and '.join(found)}"
+    if found:
+        return False, f"torch runs {capability} kernels here, without bf16 ones"
+    return False, "this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated"
+
+
+def _cpu_bf16_instructions() -> dict[str, bool]:
+    """``{"AVX512-BF16": ..., "AMX": ...}`` from torch's probes, else from /proc/cpuinfo's flags."""
+    import torch
+
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if avx512_bf16 is not None and amx is not None:
+        return {"AVX512-BF16": bool(avx512_bf16()), "AMX": bool(amx())}
+    flags: set[str] = set()
+    if _CPUINFO.is_file():
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.partition(":")[2].split())
+    return {"AVX512-BF16": "avx512_bf16" in flags, "AMX": "amx_bf16" in flags}
+
+
+def cuda_bf16_support() -> tuple[bool, str]:
+    """A CUDA GPU of compute capability 8.0 or more (Ampere on) has bf16 tensor cores; older ones
+    only emulate it (``is_bf16_supported()``'s default counts emulation: not what is meant here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible here to check for bf16"
+    name = torch.cuda.get_device_name()
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return True, f"{name} has native bf16"
+    return False, f"{name} has no native bf16 (compute capability below 8.0)"
+
+
+def accelerator_device(accelerator: str) -> str:
+    """The device type a Lightning ``accelerator`` setting lands on here: ``auto`` takes a CUDA
+    GPU when one is visible, as Lightning does; ``gpu`` is CUDA (MPS where only MPS exists)."""
+    import torch
+
+    name = accelerator.lower()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name == "gpu":
+        return "mps" if mps and not torch.cuda.is_available() else "cuda"
+    return name
+
+
+def with_resolved_precision(config: RunConfig) -> tuple[RunConfig, str]:
+    """``config`` with ``trainer.precision`` resolved for its accelerator, and a line saying
+    which precision was chosen and why (so the run's config.yaml and MLflow params hold it)."""
+    device = accelerator_device(config.trainer.accelerator)
+    precision, why = resolve_precision(config.trainer.precision, device)
+    trainer = dataclasses.replace(config.trainer, precision=precision)
+    return dataclasses.replace(config, trainer=trainer), f"precision: {precision} ({why})"
+
+
+def cpu_summary() -> str:
+    """The CPU facts a speed figure depends on, for benchmark output: torch's kernel capability
+    and whether bf16 is native (a bf16 figure from a CPU with it says nothing of one without)."""
+    import torch
+
+    native, why = cpu_bf16_support()
+    return (
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"native bf16 {'yes' if native else 'no'} ({why})"
+    )

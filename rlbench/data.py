@@ -16,7 +16,13 @@ from rlbench.rollout import derive_seed
 from rlbench.task import Prompt, Task
 
 # Salts keep the streams of different purposes independent under one run seed.
-_TRAIN_PROMPTS, _RESAMPLE, _COMPLETIONS = 1, 2, 3
+_TRAIN_PROMPTS, _RESAMPLE, _COMPLETIONS, _MINIBATCHES = 1, 2, 3, 4
+
+
+def minibatch_seed(seed: int, step: int, epoch: int) -> int:
+    """The seed of the minibatch split of ``epoch`` of rollout step ``step``: each epoch reshuffles,
+    and a resumed run reshuffles alike."""
+    return derive_seed(seed, _MINIBATCHES, step, epoch)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ device holds at the peak of a step. Per device:
 
 - weights: parameters x bytes of the weight dtype (``model.dtype``; ``auto`` is the
   checkpoint's ``dtype``, else 4). Under ``trainer.precision=bf16-true`` Lightning casts the
-  policy to bf16, so 2 bytes.
+  policy to bf16, so 2 bytes. ``trainer.precision: auto`` is resolved as a run on this machine
+  would resolve it (a note says what it chose: a GPU config checked on a CPU-only login node
+  is estimated at fp32).
 - gradients: trainable parameters x bytes of their dtype (the weight dtype; LoRA adapters are
   fp32 unless bf16-true, as peft upcasts adapters of a half-precision model).
 - optimizer: torch AdamW keeps two moments per trainable parameter in that same dtype; there
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlbench.config import RunConfig
+from rlbench.config import RunConfig, with_resolved_precision
 from rlbench.errors import RLBenchError
 from rlbench.forward import PLAIN_HEAD_MODEL_TYPES
 from rlbench.registry import ALGORITHMS, TASKS
@@ -130,8 +132,12 @@ def dry_run(config: RunConfig) -> DryRunReport:
         )
     trainable = lora_params if lora.r > 0 else total
 
-    trainer = config.trainer
     notes: list[str] = []
+    # the precision the run would resolve on this machine (the report says if "auto" chose it)
+    resolved, chosen = with_resolved_precision(config)
+    trainer = resolved.trainer
+    if config.trainer.precision == "auto":
+        notes.append(f"trainer.precision is 'auto': {chosen}; a run on other hardware may choose otherwise")
     devices_assumed = trainer.devices == "auto"
     per_node = 1 if devices_assumed else int(trainer.devices)
     world = per_node * trainer.num_nodes

@@ -6,6 +6,17 @@ KL estimators work per token from the sampled token's log-probabilities only. Wi
     k1 = -log r               unbiased, high variance, can be negative
     k2 = 0.5 * (log r)^2      biased, low variance, never negative
     k3 = r - 1 - log r        unbiased (E_q[r] = 1), never negative, low variance
+    k1+ = k1 in value, k2's gradient:   k1 + (k2 - stop_grad(k2))
+    k3+ = k3 in value, k2's gradient:   k3 + (k2 - stop_grad(k2))
+
+In a reward only the value counts. In a loss the gradient counts, and with the sample held fixed
+(what a loss differentiates) the expected gradients are, from ``grad log r = -grad log q``::
+
+    E_q[grad k1] = E_q[grad log q]                    = 0                   (noise only)
+    E_q[grad k2] = E_q[(log q - log p) grad log q]    = grad KL(q || p)
+    E_q[grad k3] = E_q[(1 - p/q) grad log q]          = grad KL(p || q)     (the forward KL)
+
+so k1+ and k3+ report an unbiased KL(q || p) and descend it. docs/kl_estimators.md has the table.
 
 Advantage estimators map a step's rewards ``[P, G]`` (``P`` prompts, ``G`` completions each)
 to one advantage per completion, given to every one of its tokens.
@@ -53,11 +64,51 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(log_r) - 1.0 - log_r
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+def _with_k2_gradient(value: Tensor, log_r: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``k2 = 0.5 * log_r^2`` in the backward pass.
+
+    ``k2 - k2.detach()`` is exactly 0 in value (x - x is 0 in floating point) yet carries k2's
+    gradient, so the result equals ``value`` and differentiates as k2 (a straight-through sum).
+    """
+    k2 = 0.5 * log_r.square()
+    return value.detach() + (k2 - k2.detach())
+
+
+def kl_k1_plus(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token ``k1+``: k1's value (unbiased KL(q || p_ref)) with k2's gradient, for a loss."""
+    return _with_k2_gradient(kl_k1(logp, ref_logp), _log_ratio(logp, ref_logp))
+
+
+def kl_k3_plus(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token ``k3+``: k3's value (unbiased, never negative) with k2's gradient, for a loss.
+
+    k2's ``log r`` is clamped as k3's is, so k3+ is finite wherever k3 is and, like k3, has no
+    gradient beyond ``K3_LOG_RATIO_CLAMP``.
+    """
+    log_r = _log_ratio(logp, ref_logp).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return _with_k2_gradient(kl_k3(logp, ref_logp), log_r)
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+    "k1+": kl_k1_plus,
+    "k3+": kl_k3_plus,
+}
+
+#: Why k1 is refused wherever the KL is in the loss, and what to use instead.
+K1_IN_LOSS = (
+    "with the KL in the loss, k1's expected gradient is zero (E_pi[grad log pi] = 0): it adds noise and "
+    "no pull towards the reference. Use k2, k1+ or k3+ (gradient of KL(pi || ref); k1+ and k3+ also "
+    "report an unbiased value), or k3 (gradient of the forward KL(ref || pi)); see docs/kl_estimators.md"
+)
 
 
 def kl_estimate(name: str, logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token KL(policy || reference) by the estimator ``name`` (``k1``, ``k2`` or ``k3``)."""
+    """Per-token KL(policy || reference) by the estimator ``name`` (``k1``, ``k2``, ``k3``,
+    ``k1+`` or ``k3+``): ``logp`` the policy's log-probs of the sampled tokens, ``ref_logp``
+    the reference's."""
     if name not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {name!r}; valid estimators: {', '.join(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[name](logp, ref_logp)

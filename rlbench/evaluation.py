@@ -4,8 +4,10 @@ mean everywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from rlbench.collectives import Collectives
 from rlbench.policy import inference_mode
+from rlbench.progress import Counted, counted
 from rlbench.prompting import encode_prompts
 from rlbench.rollout import RolloutBackend, SamplingParams, derive_seed
 from rlbench.task import Prompt, Task
@@ -74,10 +77,12 @@ def greedy_correct(
     backend: RolloutBackend,
     max_new_tokens: int,
     chunk: int = 256,
+    bar: Counted | None = None,
 ) -> int:
     """How many of ``prompts`` the greedy completion solves (a count, so shards can be summed).
 
     A completion with a special token before its EOS is never correct (``special_token_rows``).
+    ``bar`` (over prompts) advances as the completions are generated.
     """
     device = next(model.parameters()).device
     correct = 0
@@ -86,12 +91,44 @@ def greedy_correct(
             part = prompts[start : start + chunk]
             ids, mask = encode_prompts(tokenizer, [p.text for p in part], device, task.config)
             params = SamplingParams(max_new_tokens, 0.0)
-            rollout = backend.generate(model, ids, mask, [0] * len(part), params)
+            with advancing(bar, model, len(part), max_new_tokens):
+                rollout = backend.generate(model, ids, mask, [0] * len(part), params)
             texts, invalid = read_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
             correct += sum(
                 not bad and task.is_correct(p, t) for p, t, bad in zip(part, texts, invalid.tolist())
             )
     return correct
+
+
+@contextlib.contextmanager
+def advancing(bar: Counted | None, model: nn.Module, prompts: int, max_new_tokens: int) -> Iterator[None]:
+    """Moves ``bar`` over a batch of ``prompts`` while it generates, done when the block ends.
+
+    One batch can be a whole evaluation (256 prompts), so a bar advanced only between batches
+    would sit at 0 and then jump. Generation calls the model once to prefill and once per new
+    token, so each call counts as ``1 / max_new_tokens`` of the batch (a batch that stops early,
+    every row at EOS, jumps to its end): a count and an ETA that move during the batch, without
+    the backend knowing about bars. Nothing is hooked when the bar is off.
+    """
+    if bar is None or bar.bar is None:
+        yield
+        return
+    shown, calls = 0, 0
+
+    def count_call(*_: object) -> None:
+        nonlocal shown, calls
+        calls += 1
+        reached = min(prompts - 1, prompts * calls // max(1, max_new_tokens))  # scored: at the end
+        if reached > shown:
+            bar.update(reached - shown)
+            shown = reached
+
+    handle = model.register_forward_hook(count_call)
+    try:
+        yield
+    finally:
+        handle.remove()
+    bar.update(prompts - shown)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -165,9 +202,11 @@ def sampled_eval(
     k: int,
     seeds: list[list[int]],
     rows: int = 256,
+    bar: Counted | None = None,
 ) -> SampledEval:
     """``k`` sampled completions per prompt (``seeds[i]``: prompt ``i``'s ``k`` sampling seeds),
-    generated ``rows`` at a time. Every pass@j of the curve comes from the same samples."""
+    generated ``rows`` at a time. Every pass@j of the curve comes from the same samples.
+    ``bar`` (over prompts) advances as the completions are generated."""
     device = next(model.parameters()).device
     # every j present even on a shard without prompts, so all processes sum the same keys
     out = SampledEval(pass_at_j={j: 0.0 for j in pass_curve_ks(k)[1:-1]})
@@ -178,7 +217,8 @@ def sampled_eval(
             texts_in = [p.text for p in part for _ in range(k)]  # prompt i's samples: rows i*k ..
             ids, mask = encode_prompts(tokenizer, texts_in, device, task.config)
             row_seeds = [s for i in range(start, start + len(part)) for s in seeds[i]]
-            rollout = backend.generate(model, ids, mask, row_seeds, params)
+            with advancing(bar, model, len(part), params.max_new_tokens):
+                rollout = backend.generate(model, ids, mask, row_seeds, params)
             texts, invalid = read_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
             flags = invalid.tolist()
             for i, prompt in enumerate(part):
@@ -214,17 +254,25 @@ class Evaluator:
         samples: int,
         seed: int,
         dist: Collectives,
+        progress: bool | None = None,
     ) -> None:
         self.task, self.tokenizer, self.backend, self.prompts = task, tokenizer, backend, prompts
         self.params, self.samples, self.seed, self.dist = params, samples, seed, dist
+        #: Rank 0's progress bar over the prompts: None shows it on a terminal only (logs and
+        #: ``rlbench compare``'s workers stay quiet), False never (``--no-progress``).
+        self.progress = progress
 
     def metrics(self, model: nn.Module, step: int, rank: int) -> dict[str, float]:
         """The ``eval/*`` metrics of ``model`` at rollout step ``step`` (which seeds the samples)."""
         world, n = self.dist.world_size, len(self.prompts)
         mine = self.prompts[rank::world]
-        correct = greedy_correct(
-            model, self.tokenizer, self.task, mine, self.backend, self.params.max_new_tokens
-        )
+        # one bar, on rank 0 only: the other ranks score their shares in step with it
+        enabled = self.progress if rank == 0 else False
+        share = f", rank 0's {len(mine)} of {n} prompts" if world > 1 else ""
+        with counted(len(mine), f"eval at step {step} (greedy{share})", enabled) as bar:
+            correct = greedy_correct(
+                model, self.tokenizer, self.task, mine, self.backend, self.params.max_new_tokens, bar=bar
+            )
         out = {"eval/accuracy": self.dist.sum(correct) / n}
         k = self.samples
         if k > 1:
@@ -232,7 +280,10 @@ class Evaluator:
                 [derive_seed(self.seed, _EVAL_SAMPLES, step, i, j) for j in range(k)]
                 for i in range(rank, n, world)
             ]
-            sums = sampled_eval(model, self.tokenizer, self.task, mine, self.backend, self.params, k, seeds)
+            with counted(len(mine), f"eval at step {step} ({k} samples each{share})", enabled) as bar:
+                sums = sampled_eval(
+                    model, self.tokenizer, self.task, mine, self.backend, self.params, k, seeds, bar=bar
+                )
             out["eval/pass@k"] = self.dist.sum(sums.pass_at_k) / n
             out["eval/maj@k"] = self.dist.sum(sums.maj_at_k) / n
             out["eval/pass@1"] = self.dist.sum(sums.pass_at_1) / n

@@ -120,15 +120,30 @@ METRICS: tuple[Metric, ...] = (
             "in the loss or the reward"
         ),
         ON_POLICY,
-        "GRPO: `beta > 0`",
+        "GRPO, RLOO: `beta > 0`",
     ),
+    # RLOO's sequence form with one pass has ratio 1 and no clip: these are absent from its runs
     Metric(
         "train/clip_frac",
-        "fraction of completion tokens where the clipped term is active (zero gradient)",
-        ON_POLICY,
+        (
+            "fraction of completion tokens where the clipped term is active (zero gradient); RLOO's "
+            "sequence form: the tokens of completions whose sequence ratio is clipped"
+        ),
+        ("grpo", "ppo"),
+        "every step; RLOO: with `form: token`, or `mu > 1`",
     ),
-    Metric("train/ratio_min", "min of `pi_theta / pi_old` over completion tokens", ON_POLICY),
-    Metric("train/ratio_max", "max of `pi_theta / pi_old` over completion tokens", ON_POLICY),
+    Metric(
+        "train/ratio_min",
+        "min of `pi_theta / pi_old` over completion tokens (RLOO's sequence form: over completions)",
+        ("grpo", "ppo"),
+        "every step; RLOO: with `form: token`, or `mu > 1`",
+    ),
+    Metric(
+        "train/ratio_max",
+        "max of `pi_theta / pi_old` over completion tokens (RLOO's sequence form: over completions)",
+        ("grpo", "ppo"),
+        "every step; RLOO: with `form: token`, or `mu > 1`",
+    ),
     Metric(
         "train/behaviour_logprob_gap",
         (
@@ -137,7 +152,13 @@ METRICS: tuple[Metric, ...] = (
         ),
         ON_POLICY,
     ),
-    Metric("train/grad_norm", "global gradient norm before clipping"),
+    Metric(
+        "train/grad_norm",
+        (
+            "the policy's gradient norm before clipping (PPO's critic apart: `train/value_grad_norm`); "
+            "absent while `critic_warmup_steps` freeze the policy"
+        ),
+    ),
     Metric(
         "train/grad_norm_spikes",
         (
@@ -145,19 +166,31 @@ METRICS: tuple[Metric, ...] = (
             "`diagnostics.spike_sigmas` standard deviations"
         ),
     ),
-    Metric("train/loss", "the algorithm's loss (mean over its passes and minibatches)"),
+    Metric(
+        "train/loss",
+        "the algorithm's policy loss (mean over its passes and minibatches; PPO's value loss apart)",
+    ),
     Metric("train/loss_std", "std of `train/loss` over the trailing `diagnostics.window` steps"),
     Metric("train/skipped_steps", "updates skipped so far because the loss or a gradient was not finite"),
     Metric("train/lr", "learning rate after the step"),
     # algorithm-specific
     Metric(
-        "train/policy_loss",
-        "PPO's policy share of `train/loss` (`loss = policy_loss + vf_coef * value_loss`)",
+        "train/value_loss",
+        "PPO's clipped value loss (minimised as `train/loss + vf_coef * value_loss`)",
         ("ppo",),
     ),
-    Metric("train/value_loss", "PPO's clipped value loss", ("ppo",)),
     Metric(
-        "train/value_explained_var", "`1 - Var[returns - V] / Var[returns]` over completion tokens", ("ppo",)
+        "train/value_grad_norm",
+        "PPO's critic gradient norm before clipping (value head or separate critic model), clipped apart",
+        ("ppo",),
+    ),
+    Metric(
+        "train/value_explained_var",
+        (
+            "`1 - Var[returns - V_old] / Var[returns]` over completion tokens, `V_old` the critic's values "
+            "before this step's updates (a prediction on fresh states)"
+        ),
+        ("ppo",),
     ),
     Metric("train/returns_mean", "mean GAE return over completion tokens", ("ppo",)),
     Metric("train/values_mean", "mean value `V(s_t)` over completion tokens", ("ppo",)),

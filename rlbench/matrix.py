@@ -12,7 +12,8 @@ A matrix file (YAML) names a base run config and the axes to cross::
     warmstart_seed: 0                    # every cell starts from the same weights; null: per seed
     reward_noise: {flip_prob: [0.0, 0.1, 0.2]}   # optional: one field, its levels
     budget: {samples: 20000}             # optional: compute-matched runs
-    threshold: 0.6                       # optional: accuracy for "cost to reach"
+    threshold: 0.6                       # optional: accuracy for "cost to reach"; default:
+                                         # halfway from the warm start to the best mean final
     set: {trainer.max_steps: 150}        # dotted overrides for every cell
     tuned: {grpo: ../runs/sweeps/grpo-addition}   # optional: an algorithm's best sweep parameters
 
@@ -107,6 +108,8 @@ class Matrix:
     noise_levels: list[float] = field(default_factory=list)
     budget: dict[str, float] = field(default_factory=dict)
     threshold: float | None = None
+    """The accuracy the report's cost columns count to; None: halfway from the warm start's mean
+    accuracy to the best algorithm's mean final accuracy (``Report.threshold``)."""
     settings: dict[str, Any] = field(default_factory=dict)
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per algorithm, the best parameters of a sweep (``best.json``), set in its cells."""
@@ -286,7 +289,10 @@ def parse_matrix(data: Mapping[str, Any], path: Path, output_dir: str | Path | N
     threshold = data.get("threshold")
     if threshold is not None and not (_is_number(threshold) and 0 < threshold <= 1):
         raise fail(
-            "threshold", threshold, "an accuracy in (0, 1], or null (0.9 x the best mean final accuracy)"
+            "threshold",
+            threshold,
+            "an accuracy in (0, 1], or null (halfway from the warm start's mean accuracy to the "
+            "best algorithm's mean final accuracy)",
         )
     settings = data.get("set") or {}
     if not isinstance(settings, Mapping) or not all(isinstance(k, str) for k in settings):

@@ -126,14 +126,23 @@ def merge(parts: list[RolloutBatch], plan_: list[Rows], whole: RolloutBatch) -> 
     return replace(whole, **merged)
 
 
-def minibatches(batch: RolloutBatch, k: int, group_size: int) -> list[RolloutBatch]:
-    """``batch`` split in ``k`` minibatches (an optimiser step each), by group: group ``g`` goes
-    to minibatch ``g mod k``, so every minibatch mixes prompts from the whole step."""
+def minibatches(batch: RolloutBatch, k: int, group_size: int, seed: int | None = None) -> list[RolloutBatch]:
+    """``batch`` split in ``k`` minibatches (an optimiser step each), by group.
+
+    With ``seed`` the groups are shuffled first (a fresh permutation each epoch, from a seed the
+    caller derives from the run seed, step and epoch, so a resumed run splits alike); then
+    group ``g`` of the order goes to minibatch ``g mod k``. Without ``seed`` the order is the
+    batch's own, so every minibatch still mixes prompts from the whole step.
+    """
     if k == 1:
         return [batch]
     groups = len(batch) // group_size
+    order = list(range(groups))
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(groups, generator=generator).tolist()
     parts = []
     for j in range(k):
-        rows = [g * group_size + i for g in range(j, groups, k) for i in range(group_size)]
+        rows = [order[g] * group_size + i for g in range(j, groups, k) for i in range(group_size)]
         parts.append(batch.rows(torch.tensor(rows, dtype=torch.long, device=batch.rewards.device)))
     return parts

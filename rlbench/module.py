@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rlbench.algorithm import LossScale, RolloutBatch
 from rlbench.collectives import Collectives
 from rlbench.config import RunConfig
-from rlbench.data import PromptSource
+from rlbench.data import PromptSource, minibatch_seed
 from rlbench.evaluation import Evaluator
 from rlbench.experience import ExperienceSource, RolloutCollector
 from rlbench.forward import ForwardOutput, batch_forward
@@ -156,7 +156,10 @@ class RLModule(pl.LightningModule):
             # after Lightning placed and cast the policy (bf16-true casts the weights)
             weight = next(self.policy.parameters())
             self.reference.model.to(device=weight.device, dtype=weight.dtype)
-        self.experience.setup(self.policy, self.rollout_step, self.global_rank, self.dist.world_size)
+        # in the numerics of training's forwards (bf16-mixed's autocast), as training_step runs:
+        # what the source samples and scores here (DPO's pairs) is then what a step would compute
+        with self.trainer.precision_plugin.forward_context():
+            self.experience.setup(self.policy, self.rollout_step, self.global_rank, self.dist.world_size)
 
     def on_train_start(self) -> None:
         if self.rollout_step >= self.config.trainer.max_steps:  # a finished run, resumed
@@ -252,10 +255,14 @@ class RLModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         world = self.dist.world_size
         history: list[dict[str, float]] = []
+        trains_policy = algorithm.trains_policy(self.rollout_step)
         old_logprobs: list[Tensor] = []
         cause: str | None = None  # what went non-finite, if anything
         for pass_index in range(algorithm.passes_per_batch):
-            for minibatch in minibatches(batch, algorithm.minibatches_per_pass, algorithm.group_size):
+            split_seed = minibatch_seed(self.config.seed, self.rollout_step, pass_index)
+            for minibatch in minibatches(
+                batch, algorithm.minibatches_per_pass, algorithm.group_size, split_seed
+            ):
                 # pi_old is the policy that sampled: these very weights until the first optimiser
                 # step, so pass 0's log-probs are pi_old (no extra forward)
                 first_look = pass_index == 0 and (fused or not scored)
@@ -304,18 +311,18 @@ class RLModule(pl.LightningModule):
                 if first_look and algorithm.passes_per_batch > 1:
                     batch.old_logprobs = scatter(old_logprobs, chunks, batch.completion_mask)
                 metrics = combine_micro_batches(parts)
-                clip = self.config.optim.grad_clip or math.inf
-                trainable = [p for p in self.parameters() if p.requires_grad]
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+                metrics.update(self.clip_gradients(trains_policy))
                 history.append(metrics)
-                if not math.isfinite(metrics["grad_norm"]):
+                if not all(math.isfinite(v) for k, v in metrics.items() if k.endswith("grad_norm")):
                     # gradients are all-reduced, so every process takes the same decision here
                     cause = cause or non_finite_gradient(self)
                     optimizer.zero_grad(set_to_none=True)
                     break
                 optimizer.step()
                 scheduler.step()
-            if cause is not None and not math.isfinite(history[-1]["grad_norm"]):
+            if cause is not None and not all(
+                math.isfinite(v) for k, v in history[-1].items() if k.endswith("grad_norm")
+            ):
                 break
         self.skipped.record(cause, f"rollout step {self.rollout_step} (optimiser step {self.global_step})")
         out = {f"train/{name}": value for name, value in reduce_passes(history).items()}
@@ -328,6 +335,28 @@ class RLModule(pl.LightningModule):
         # completion tokens through forward and backward, every pass (a cost axis)
         out["perf/tokens_trained"] = float(batch.completion_mask.sum()) * algorithm.passes_per_batch
         return out, float(batch.completion_mask.sum())
+
+    def clip_gradients(self, trains_policy: bool) -> dict[str, float]:
+        """Clips the policy's gradient and the algorithm's own modules' apart, as two models
+        with their own optimisers would be, and returns both norms before clipping:
+        ``grad_norm`` is the policy's alone for every algorithm (a critic's gradient would
+        otherwise dominate it and its spikes). Without ``trains_policy`` the policy's
+        gradients are dropped (a critic warm-up) and no ``grad_norm`` is logged: no update
+        reaches the policy (a logged 0 would also make the first real norm look a spike)."""
+        clip = self.config.optim.grad_clip or math.inf
+        policy = [p for p in self.policy.parameters() if p.requires_grad and p.grad is not None]
+        own = [p for p in self.algorithm_modules.parameters() if p.requires_grad and p.grad is not None]
+        norms: dict[str, float] = {}
+        if trains_policy:
+            norms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy, clip))
+        else:
+            for p in policy:
+                p.grad = None
+        if own:
+            norms[f"{self.algorithm.modules_name}_grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(own, clip)
+            )
+        return norms
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
         """One no-grad pass before ``prepare``: pi_old's log-probs and the algorithm's scores

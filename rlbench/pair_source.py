@@ -5,8 +5,15 @@ samples per prompt from the starting policy -- the warm start, which is also the
 reference -- scored, and a rewarded completion paired with an unrewarded one
 (``rlbench.pairs.build_pairs``). Either way they are written once, with the reference's
 per-sequence log-probs, to ``<warmstart.cache_dir>/pairs/<key>/pairs.jsonl``; the key hashes
-what shapes the pairs (starting model, task, sampling and pairing options) but not the run's
-seed or the loss options, so every seed and every DPO variant trains on identical pairs.
+what shapes the pairs: starting model, task, sampling and pairing options, the seed of their
+draws (``pairs_seed``, or the run's seed when it is null: each seed then trains on its own
+pairs, as each seed of an on-policy algorithm samples its own experience) and the numerics the
+reference scored them in (weights' dtype, precision, autocast, LoRA). The loss options are not
+in it, so DPO variants of one seed share their pairs.
+
+The pairs are sampled and scored under the precision training runs its forwards in (the module
+calls ``setup`` inside the precision plugin's forward context): at step 0 the policy, which is
+the reference, then gives the very log-probs cached for it, and every log-ratio is 0 there.
 
 Step ``s`` takes ``rollout.prompts_per_step`` pairs, walking a seeded permutation of the pairs
 epoch after epoch; each process takes a contiguous share. With ``refresh_every: N`` the pairs
@@ -19,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ from rlbench.errors import RLBenchError
 from rlbench.evaluation import read_completions
 from rlbench.experience import Cost, Gather, RolloutCollector, micro_batches
 from rlbench.pairs import PreferencePair, build_pairs, check_pairs, read_pairs, write_pairs
+from rlbench.progress import counted
 from rlbench.prompting import encode_prompts
 from rlbench.rollout import derive_seed
 
@@ -48,18 +56,41 @@ _ORDER, _REFRESH = 21, 22  # seed salts: the pairs' order per epoch, refreshed p
 ReferenceScorer = Callable[[RolloutBatch], Tensor]
 
 
-def pairs_cache_dir(config: RunConfig, model_path: str, options: Any) -> Path:
-    """Where the pairs of this starting model, task and pair options are cached."""
-    fields = ("num_prompts", "samples_per_prompt", "pairs_per_prompt", "pairs_seed")
+def pairs_seed(config: RunConfig, options: Any) -> int:
+    """The seed the pairs are drawn with (and refreshed pairs): ``pairs_seed``, or the run's
+    when that is null."""
+    return config.seed if options.pairs_seed is None else options.pairs_seed
+
+
+def scoring_numerics(policy: nn.Module) -> dict[str, str | None]:
+    """The floating-point regime live at this point: the weights' dtype and the autocast dtype
+    on their device (None: no autocast). Read where the pairs are scored, so the cache tells
+    apart the precisions a setting such as ``trainer.precision`` may resolve to on a machine."""
+    weight = next(policy.parameters())
+    device = weight.device.type
+    autocast = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    return {"weights": str(weight.dtype), "autocast": autocast}
+
+
+def pairs_cache_dir(
+    config: RunConfig, model_path: str, options: Any, numerics: Mapping[str, str | None] | None = None
+) -> Path:
+    """Where the pairs of this starting model, task, pair options, seed and numerics are cached."""
+    fields = ("num_prompts", "samples_per_prompt", "pairs_per_prompt")
     # a user's file by its content, so an edited file is never served from a stale cache
     pairs_file = options.pairs_file and hashlib.sha256(Path(options.pairs_file).read_bytes()).hexdigest()
     key = config_hash(
         model_path,
         config.task,
         {"pairs_file": pairs_file, **{name: getattr(options, name) for name in fields}},
+        # the run's seed when pairs_seed is null; a user's file no seed draws
+        {"seed": None if options.pairs_file else pairs_seed(config, options)},
         config.rollout.max_new_tokens,
         config.rollout.temperature,
         config.reward_noise,  # noisy labels make other pairs
+        # the reference log-probs are exact only in the numerics training computes in
+        {"dtype": config.model.dtype, "precision": config.trainer.precision, "lora": config.model.lora},
+        dict(numerics or {}),
     )
     return Path(config.warmstart.cache_dir) / "pairs" / f"{config.task.name}-{key}"
 
@@ -98,6 +129,10 @@ class PairSource:
                 f"verifier to build preference pairs from; give a JSONL of pairs in "
                 f"algorithm.{config.algorithm.name}.pairs_file"
             )
+        self.model_path = model_path
+        #: The seed of the pair draws: ``pairs_seed``, or the run's when that is null.
+        self.seed = pairs_seed(config, self.options)
+        #: The cache entry; ``setup`` completes its key with the numerics it scores in.
         self.cache = pairs_cache_dir(config, model_path, self.options)
 
     # ------------------------------------------------------------------ set-up and refresh
@@ -105,6 +140,7 @@ class PairSource:
     def setup(self, policy: nn.Module, step: int, rank: int, world: int) -> None:
         """Builds (once, under a lock) or reads the cached pairs; on resume, the latest refresh."""
         refresh = self.options.refresh_every
+        self.cache = pairs_cache_dir(self.config, self.model_path, self.options, scoring_numerics(policy))
         if step > 0 and not (self.cache / PAIRS_FILE).is_file():
             raise RLBenchError(
                 f"resuming at step {step}: the cached preference pairs {str(self.cache)!r} are gone "
@@ -113,8 +149,9 @@ class PairSource:
             )
 
         def build(tmp: Path) -> None:
-            pairs = self.user_pairs or self.sample_pairs(policy, self.options.pairs_seed)
-            write_pairs(tmp / PAIRS_FILE, self.with_reference_logprobs(pairs, policy))
+            # only the process that builds gets here: its bars are the only ones
+            pairs = self.user_pairs or self.sample_pairs(policy, self.seed, show=True)
+            write_pairs(tmp / PAIRS_FILE, self.with_reference_logprobs(pairs, policy, show=True))
             (tmp / COST_FILE).write_text(json.dumps(dataclasses.asdict(self.cost)))
 
         self.rank = rank
@@ -140,9 +177,14 @@ class PairSource:
     def refresh_file(self, step: int) -> Path:
         return Path(self.config.output_dir) / "pairs" / f"step-{step}.jsonl"
 
-    def sample_pairs(self, policy: nn.Module, seed: int) -> list[PreferencePair]:
+    def sample_pairs(self, policy: nn.Module, seed: int, show: bool) -> list[PreferencePair]:
         """Pairs from ``samples_per_prompt`` samples of ``num_prompts`` train prompts, scored
-        by the task's verifier (a special token before EOS scores 0, as in training)."""
+        by the task's verifier (a special token before EOS scores 0, as in training).
+
+        The prompts are sampled a chunk at a time (``rollout.micro_batch_size`` rows, else a
+        32nd of them, at least a step's prompts), so a progress bar can count them: on a real
+        model this takes minutes.
+        Each completion's seed depends on its prompt's position, not on the chunking."""
         opts = self.options
         k = opts.samples_per_prompt
         source = PromptSource(self.sampler.task, opts.num_prompts, seed)
@@ -159,7 +201,22 @@ class PairSource:
             noise=self.sampler.noise,
         )
         prompts = source.batch(0)
-        batch, _ = sampler.sample(policy, prompts)
+        rows = self.sampler.micro_batch_size
+        n = len(prompts.prompts)
+        # without a micro-batch size, ~32 chunks: the bar moves, and big generate calls keep
+        # a small model's per-call overhead low
+        chunk = max(1, rows // k) if rows else max(self.config.rollout.prompts_per_step, -(-n // 32))
+        parts: list[RolloutBatch] = []
+        with counted(n * k, "sampling pairs", None if show else False) as bar:
+            for start in range(0, n, chunk):
+                part = replace(
+                    prompts,
+                    prompts=prompts.prompts[start : start + chunk],
+                    positions=prompts.positions[start : start + chunk],
+                )
+                parts.append(sampler.sample(policy, part)[0])
+                bar.update(len(part.prompts) * k)
+        batch = RolloutBatch.concat(parts, self.tokenizer.pad_token_id)
         drawn = sampler.take_cost()
         if self.rank == 0:  # every process samples the same pairs; one pays for them
             self.cost.add(drawn.samples, drawn.tokens)
@@ -179,17 +236,21 @@ class PairSource:
             )
         return pairs
 
-    def with_reference_logprobs(self, pairs: list[PreferencePair], policy: nn.Module) -> list[PreferencePair]:
+    def with_reference_logprobs(
+        self, pairs: list[PreferencePair], policy: nn.Module, show: bool
+    ) -> list[PreferencePair]:
         """The pairs with the reference's summed log-probs of chosen and rejected (computed once)."""
         device = next(policy.parameters()).device
         out: list[PreferencePair] = []
         size = max(2, self.config.train.micro_batch_size or 256)
-        for rows in micro_batches(len(pairs), size // 2):
-            chunk = pairs[rows]
-            batch = self.encode(chunk, device)
-            sums = (self.reference(batch) * batch.completion_mask).sum(-1).tolist()
-            for i, pair in enumerate(chunk):
-                out.append(replace(pair, ref_chosen_logp=sums[2 * i], ref_rejected_logp=sums[2 * i + 1]))
+        with counted(len(pairs), "scoring pairs", None if show else False) as bar:
+            for rows in micro_batches(len(pairs), size // 2):
+                chunk = pairs[rows]
+                batch = self.encode(chunk, device)
+                sums = (self.reference(batch) * batch.completion_mask).sum(-1).tolist()
+                for i, pair in enumerate(chunk):
+                    out.append(replace(pair, ref_chosen_logp=sums[2 * i], ref_rejected_logp=sums[2 * i + 1]))
+                bar.update(len(chunk))
         return out
 
     # ------------------------------------------------------------------ batches
@@ -215,8 +276,9 @@ class PairSource:
 
     def refresh(self, policy: nn.Module, step: int, rank: int) -> None:
         """Online DPO: new pairs sampled from the current policy, scored by the reference."""
-        pairs = self.sample_pairs(policy, derive_seed(self.options.pairs_seed, _REFRESH, step))
-        self.pairs, self.pairs_from = self.with_reference_logprobs(pairs, policy), step
+        show = rank == 0  # every process draws the same pairs: one bar
+        pairs = self.sample_pairs(policy, derive_seed(self.seed, _REFRESH, step), show)
+        self.pairs, self.pairs_from = self.with_reference_logprobs(pairs, policy, show), step
         if rank == 0:
             write_pairs(self.refresh_file(step), self.pairs)
 

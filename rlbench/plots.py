@@ -130,7 +130,8 @@ def robustness(
     by_algorithm: dict[str, list[tuple[float, float, float, float]]], noise_field: str, title: str, path: Path
 ) -> Path:
     """Final eval accuracy against the injected noise level per algorithm: ``(level, mean, CI
-    low, CI high)`` points (a level without a finished run is left out of its line)."""
+    low, CI high)`` points (a level without a finished run is left out of its line; a NaN CI,
+    too few runs for one, draws the point without a bar)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for colour, (algorithm, points) in enumerate(by_algorithm.items()):
@@ -148,7 +149,7 @@ def robustness(
         )
     ax.set_xlabel(f"reward_noise.{noise_field}")
     ax.set_ylabel("final eval accuracy")
-    ax.set_title(f"{title}: robustness to reward noise (mean, 95% bootstrap CI)")
+    ax.set_title(f"{title}: robustness to reward noise (mean; bars: 95% t-interval, from 3 runs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, plt, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -89,3 +90,43 @@ def matrix_progress_callback(status: MatrixStatus, max_steps: int) -> Any:
                 bar.train_progress_bar.set_description(text, refresh=False)
 
     return MatrixProgress()
+
+
+class Counted:
+    """A counted progress bar (``building pairs  37/256 [01:12<07:40]``) that does nothing when off."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total = total
+        self.bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm  # a Lightning dependency: the same bars as training's
+
+            # leave=False: a finished bar gives its line back to the log lines that follow it
+            self.bar = tqdm(total=total, desc=desc, unit="", leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Counted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def counted(total: int, desc: str, enabled: bool | None = None) -> Counted:
+    """A progress bar over ``total`` units with a count and an ETA, for long work outside
+    training's own bar (building pairs, the warm start, conversions, evaluation).
+
+    ``enabled=None`` shows it only when stderr is a terminal, so logs and CI stay quiet;
+    ``True``/``False`` force it. Use as ``with counted(n, "building pairs") as bar: bar.update(k)``.
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return Counted(total, desc, enabled)

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlbench.errors import RLBenchError
 from rlbench.matrix import MATRIX_FILE, Matrix, parse_matrix
+from rlbench.typecheck import flatten
 
 DONE, FAILED, NOT_FINISHED = "done", "failed", "not finished"
 #: Per-run facts a report states (code commit, warm-start seed, what stopped it, eval.samples).
@@ -36,6 +37,9 @@ class RunRecord:
     cause: str | None = None
     metrics: dict[str, Curve] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
+    algorithm_params: dict[str, str] = field(default_factory=dict)
+    """The run's algorithm options as MLflow logs them, ``algorithm.<name>.<field>`` to their
+    text, from either source: what the report rebuilds the algorithm from (``seed_varies``)."""
 
     def curve(self, name: str) -> Curve:
         return self.metrics.get(name, [])
@@ -111,6 +115,10 @@ def from_directory(directory: str | Path) -> Experiment:
             stopped_by=summary.get("stopped_by"),
             eval_samples=(config.get("eval") or {}).get("samples"),
         )
+        options = ((config.get("algorithm") or {}).get(cell.algorithm)) or {}
+        prefix = f"algorithm.{cell.algorithm}."
+        # str(value)[:250] is what Lightning's MLflow logger stores: the two sources agree
+        record.algorithm_params = {f"{prefix}{k}": str(v)[:250] for k, v in flatten(options)}
         records.append(record)
     return Experiment(matrix, records, f"directory {out}")
 
@@ -203,5 +211,7 @@ def from_mlflow(experiment: str, tracking_uri: str) -> Experiment:
                 stopped_by=tags.get("rlbench.stopped_by"),
                 eval_samples=run.data.params.get("eval.samples"),
             )
+            prefix = f"algorithm.{cell.algorithm}."
+            record.algorithm_params = {k: v for k, v in run.data.params.items() if k.startswith(prefix)}
         records.append(record)
     return Experiment(matrix, records, f"MLflow experiment {experiment!r} at {tracking_uri}")

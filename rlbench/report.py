@@ -1,17 +1,22 @@
 """A matrix's report: ``report.md``, ``report.html`` and ``plots/*.png``, from run records alone.
 
-Per task (and noise level) a summary table: final eval accuracy, mean with its 95% percentile
-bootstrap CI over seeds, and IQM; the cost (samples, tokens, seconds) to first reach an
-accuracy threshold; entropy collapses, grad-norm spikes and the final KL. Then the probability
-that each algorithm beats each other (with its CI), and the plots. Every figure comes from
-``rlbench.stats``; the CI method, seeds, budget, warm start and code commit are stated.
+Per task (and noise level) a summary table: final eval accuracy, its mean with a 95%
+t-interval over seeds and its IQM with a 95% percentile bootstrap interval; the cost (samples,
+tokens, seconds) to first reach an accuracy threshold; entropy collapses, grad-norm spikes and
+the final KL. Then the probability that each algorithm beats each other (percentile bootstrap
+interval), the mean difference of each pair paired by seed (t-interval, and the seeds it would
+take to resolve), and the plots. With 2+ tasks, the IQM and mean over tasks x seeds with a
+stratified bootstrap. Every interval names its method, none is given from fewer than
+``MIN_RUNS_FOR_INTERVAL`` finished runs, and every figure comes from ``rlbench.stats``; the
+seeds, what a seed varies per algorithm, budget, warm start and code commit are stated.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,19 @@ from rlbench import plots, stats
 from rlbench.records import DONE, FAILED, Experiment, RunRecord, from_directory, from_mlflow
 
 CONFIDENCE, RESAMPLES, CI_SEED = 0.95, 10_000, 0
+#: Fewest finished runs behind an interval. One run has none, and with two the t quantile is
+#: 12.7 while a percentile bootstrap covers about half the time: either interval misleads.
+MIN_RUNS_FOR_INTERVAL = 3
+#: Each interval's method, as the tables' headers name it.
+T_INTERVAL = f"{CONFIDENCE:.0%} t-interval"
+BOOTSTRAP = f"{CONFIDENCE:.0%} percentile bootstrap"
+STRATIFIED = f"{CONFIDENCE:.0%} stratified bootstrap"
 CI_METHOD = (
-    f"{CONFIDENCE:.0%} percentile bootstrap over seeds ({RESAMPLES:,} resamples, scipy; "
-    f"P(X > Y) resamples both algorithms' seeds independently)"
+    f"means: {T_INTERVAL} over seeds (Student t, mean +- t(n-1) x sd / sqrt(n)); IQM and "
+    f"P(X > Y): {BOOTSTRAP} over seeds ({RESAMPLES:,} resamples, scipy; P(X > Y) resamples "
+    f"both algorithms' seeds independently); paired differences: {T_INTERVAL} of the per-seed "
+    f"differences; over tasks: {STRATIFIED} (seeds resampled within each task, as rliable "
+    f"does). No interval from fewer than {MIN_RUNS_FOR_INTERVAL} finished runs"
 )
 #: (column, cost metric) of the cost-to-threshold columns.
 COSTS = (("samples", "cost/samples"), ("tokens", "cost/tokens_generated"), ("seconds", "cost/wall_s"))
@@ -124,6 +139,58 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _runs(count: int, noun: str = "run") -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _interval(low: float, high: float, runs: int, noun: str = "run", digits: int = 3) -> str:
+    """``[low, high]``, or ``[n/a: 2 runs]`` below ``MIN_RUNS_FOR_INTERVAL`` runs."""
+    if runs < MIN_RUNS_FOR_INTERVAL:
+        return f"[n/a: {_runs(runs, noun)}]"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _seeds_needed(difference: stats.PairedDifference) -> str:
+    if difference.n < 2:
+        return "-"  # no spread to judge by
+    if difference.seeds_needed is None:
+        return "never" if difference.mean == 0 else "-"
+    return str(difference.seeds_needed)
+
+
+def _param_value(text: str) -> Any:
+    """A logged parameter's text back as a config value (``None``, ``True``, ``0.1``, ``[1, 2]``)."""
+    from rlbench.config_files import parse_scalar
+
+    if text == "None":  # str(None); YAML would read it as the string "None"
+        return None
+    if text.startswith("(") and text.endswith(")"):  # str() of a tuple
+        text = f"[{text[1:-1]}]"
+    return parse_scalar(text)
+
+
+def seed_varies(algorithm: str, params: Mapping[str, str]) -> str | None:
+    """What a seed varies for ``algorithm`` run with ``params`` (its logged options), from the
+    plug-in's ``seed_varies``; None where the plug-in is not installed here, its options do not
+    rebuild, or it has no such property: the report then leaves the line out."""
+    from rlbench.config_files import set_dotted
+    from rlbench.registry import ALGORITHMS
+    from rlbench.typecheck import build_dataclass
+
+    prefix = f"algorithm.{algorithm}."
+    data: dict[str, Any] = {}
+    try:
+        for key, text in params.items():
+            # Lightning's MLflow logger writes a nested option's keys with "/"
+            set_dotted(data, key[len(prefix) :].replace("/", "."), _param_value(text))
+        plugin = ALGORITHMS.get(algorithm)
+        instance = plugin(build_dataclass(plugin.Config, data, prefix.rstrip(".")))
+        phrase = getattr(instance, "seed_varies", None)
+    except Exception:  # noqa: BLE001 -- a plug-in, maybe third-party or absent, must not break a report
+        return None
+    return phrase if isinstance(phrase, str) and phrase else None
+
+
 def _count(value: float | None) -> str:
     """``12345`` -> ``12.3k``: costs at a glance."""
     if value is None:
@@ -144,9 +211,19 @@ class Report:
         self.experiment, self.matrix = experiment, experiment.matrix
         self.plots_dir = plots_dir
         self.done = [r for r in experiment.records if r.status == DONE and final_accuracy(r) is not None]
+        self._seed_varies: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
 
     def runs(self, task: str, noise: float | None, algorithm: str) -> list[RunRecord]:
         return [r for r in self.done if (r.task, r.noise, r.algorithm) == (task, noise, algorithm)]
+
+    def fewest_runs(self) -> int:
+        """The fewest finished runs behind any row of the summary tables (0 if a row has none)."""
+        return min(
+            len(self.runs(task, noise, algorithm))
+            for task in self.matrix.tasks
+            for noise in self.levels()
+            for algorithm in self.matrix.algorithms
+        )
 
     def levels(self) -> list[float | None]:
         return list(self.matrix.noise_levels) if self.matrix.noise_field else [None]
@@ -169,7 +246,7 @@ class Report:
     # -------------------------------------------------------------- tables
 
     def summary_table(self, task: str, noise: float | None, threshold: float | None) -> Table:
-        header = ["algorithm", "runs", "final accuracy, mean [95% CI]", "IQM"]
+        header = ["algorithm", "runs", f"final accuracy, mean [{T_INTERVAL}]", f"IQM [{BOOTSTRAP}]"]
         header += [f"{name} to {_number(threshold, 2)}" for name, _ in COSTS]
         header += ["entropy collapses", "grad-norm spikes", "final KL"]
         rows = []
@@ -180,9 +257,14 @@ class Report:
                 rows.append([algorithm, f"0/{planned}", *["-"] * (len(header) - 2)])
                 continue
             scores = [final_accuracy(r) for r in runs]
-            s = stats.summarize(scores, CONFIDENCE, CI_SEED, RESAMPLES)
-            row = [algorithm, f"{len(runs)}/{planned}", f"{s.mean:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"]
-            row.append(f"{s.iqm:.3f}")
+            s = stats.summarize(scores, CONFIDENCE)
+            row = [algorithm, f"{len(runs)}/{planned}", f"{s.mean:.3f} {_interval(s.ci_low, s.ci_high, s.n)}"]
+            iqm_low, iqm_high = (
+                stats.bootstrap_ci(scores, "iqm", CONFIDENCE, RESAMPLES, CI_SEED)
+                if s.n >= MIN_RUNS_FOR_INTERVAL
+                else (math.nan, math.nan)
+            )
+            row.append(f"{s.iqm:.3f} {_interval(iqm_low, iqm_high, s.n)}")
             for _, cost in COSTS:
                 reached = [] if threshold is None else [cost_to_reach(r, cost, threshold) for r in runs]
                 hits = [c for c in reached if c is not None]
@@ -213,12 +295,94 @@ class Report:
                     row.append("-")
                     continue
                 p = stats.probability_of_improvement(scores[x], scores[y])
-                low, high = stats.probability_of_improvement_ci(
-                    scores[x], scores[y], CONFIDENCE, RESAMPLES, CI_SEED
+                fewer = min(len(scores[x]), len(scores[y]))
+                low, high = (
+                    stats.probability_of_improvement_ci(scores[x], scores[y], CONFIDENCE, RESAMPLES, CI_SEED)
+                    if fewer >= MIN_RUNS_FOR_INTERVAL
+                    else (math.nan, math.nan)
                 )
-                row.append(f"{p:.2f} [{low:.2f}, {high:.2f}]")
+                row.append(f"{p:.2f} {_interval(low, high, fewer, digits=2)}")
             rows.append(row)
-        return Table(["P(row > column)", *present], rows)
+        return Table([f"P(row > column) [{BOOTSTRAP}]", *present], rows)
+
+    def paired_table(self, task: str, noise: float | None) -> Table | None:
+        """Per pair of algorithms, A - B in final accuracy over the seeds both finished: runs of
+        one seed share the warm start and the prompt sequence, so the pairs cancel them."""
+        by_seed = {
+            a: {r.seed: final_accuracy(r) for r in self.runs(task, noise, a)} for a in self.matrix.algorithms
+        }
+        present = [a for a, scores in by_seed.items() if scores]
+        if len(present) < 2:
+            return None
+        rows = []
+        for i, a in enumerate(present):
+            for b in present[i + 1 :]:
+                shared = sorted(set(by_seed[a]) & set(by_seed[b]))
+                if not shared:
+                    rows.append([f"{a} - {b}", "0", "-", "-", "-"])
+                    continue
+                d = stats.paired_difference(
+                    [by_seed[a][seed] for seed in shared], [by_seed[b][seed] for seed in shared], CONFIDENCE
+                )
+                sd = "-" if d.n < 2 else f"{d.sd:.3f}"
+                interval = _interval(d.lo, d.hi, d.n, noun="seed")
+                rows.append([f"{a} - {b}", str(d.n), f"{d.mean:+.3f} {interval}", sd, _seeds_needed(d)])
+        header = [
+            "A - B",
+            "seeds",
+            f"mean difference [{T_INTERVAL}]",
+            "sd of differences",
+            "seeds to resolve",
+        ]
+        return Table(header, rows)
+
+    def aggregate_table(self, noise: float | None) -> Table:
+        """IQM and mean over tasks x seeds per algorithm, seeds resampled within each task."""
+        tasks = list(self.matrix.tasks)
+        planned = len(tasks) * len(self.matrix.seeds)
+        header = ["algorithm", "runs", f"IQM [{STRATIFIED}]", f"mean [{STRATIFIED}]"]
+        rows = []
+        for algorithm in self.matrix.algorithms:
+            by_task = {t: [final_accuracy(r) for r in self.runs(t, noise, algorithm)] for t in tasks}
+            total = sum(len(scores) for scores in by_task.values())
+            missing = [t for t, scores in by_task.items() if not scores]
+            if missing:  # without a task the aggregate is over other tasks than the other rows'
+                rows.append([algorithm, f"{total}/{planned}", f"- (no finished run on {missing[0]})", "-"])
+                continue
+            fewest_task = min(tasks, key=lambda t: len(by_task[t]))
+            fewest = len(by_task[fewest_task])
+            row = [algorithm, f"{total}/{planned}"]
+            for statistic in ("iqm", "mean"):
+                scores = list(by_task.values())
+                point = stats.aggregate_score(scores, statistic)
+                if fewest >= MIN_RUNS_FOR_INTERVAL:
+                    low, high = stats.stratified_bootstrap_ci(
+                        scores, statistic, CONFIDENCE, RESAMPLES, CI_SEED
+                    )
+                    row.append(f"{point:.3f} [{low:.3f}, {high:.3f}]")
+                else:
+                    row.append(f"{point:.3f} [n/a: {_runs(fewest)} on {fewest_task}]")
+            rows.append(row)
+        return Table(header, rows)
+
+    def seed_table(self) -> Table | None:
+        """Per algorithm, what its seed varies (the plug-in's ``seed_varies``, for the options
+        its finished runs logged); None when no algorithm says."""
+        rows = []
+        for algorithm in self.matrix.algorithms:
+            phrases: list[str] = []
+            for run in self.done:
+                if run.algorithm != algorithm or not run.algorithm_params:
+                    continue
+                key = (algorithm, tuple(sorted(run.algorithm_params.items())))
+                if key not in self._seed_varies:
+                    self._seed_varies[key] = seed_varies(algorithm, run.algorithm_params)
+                phrase = self._seed_varies[key]
+                if phrase is not None and phrase not in phrases:
+                    phrases.append(phrase)
+            if phrases:
+                rows.append([algorithm, "; ".join(phrases)])
+        return Table(["algorithm", "what a seed varies"], rows) if rows else None
 
     def failures(self) -> Table | None:
         failed = [r for r in self.experiment.records if r.status == FAILED]
@@ -263,13 +427,27 @@ class Report:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
             )
             lines.append(f"Tuned: {algorithm} runs with its sweep's best parameters ({settings}).")
-        if len(m.seeds) < 5:
+        fewest = self.fewest_runs()
+        if fewest < 5:
             lines.append(
-                f"With {len(m.seeds)} seeds per algorithm these intervals are crude (a bootstrap "
-                f"interval cannot leave the range of the seeds' scores): read them as a lower "
-                f"bound on the uncertainty, and add seeds before drawing a conclusion."
+                f"Few seeds: the fewest finished runs behind a row is {fewest} "
+                f"(of {len(m.seeds)} planned seeds). Below {MIN_RUNS_FOR_INTERVAL} a row gives no "
+                f"interval; from {MIN_RUNS_FOR_INTERVAL} the t-intervals keep their 95% but are wide, "
+                f"and the bootstrap intervals (IQM, P(X > Y)) cannot leave the range of the seeds' "
+                f"scores and cover less than they say (for a mean, a nominal 95% bootstrap covers "
+                f"about 75% at 3 seeds and 85% at 5): add seeds before drawing a conclusion."
             )
-        return [Heading(1, f"Comparison: {m.name}"), *[Text(t) for t in lines]]
+        out: list[Block] = [Heading(1, f"Comparison: {m.name}"), *[Text(t) for t in lines]]
+        seeds = self.seed_table()
+        if seeds is not None:
+            out.append(
+                Text(
+                    "What a seed varies, per algorithm: an interval over seeds measures this "
+                    "variation and no other."
+                )
+            )
+            out.append(seeds)
+        return out
 
     def blocks(self) -> list[Block]:
         out = self.preamble()
@@ -287,7 +465,31 @@ class Report:
                         Text("Probability that a run of the row's algorithm ends above one of the column's:")
                     )
                     out.append(improvement)
+                paired = self.paired_table(task, noise)
+                if paired is not None:
+                    out.append(
+                        Text(
+                            "Final accuracy of A minus B, paired by seed (the seeds both finished, "
+                            "which share the warm start and the prompt sequence). Seeds to resolve: "
+                            f"the fewest seeds whose {T_INTERVAL} would exclude 0 if the mean "
+                            "difference and its sd stayed as observed (a rough guide from few seeds)."
+                        )
+                    )
+                    out.append(paired)
             out.extend(self.plot_blocks(task))
+        if len(self.matrix.tasks) >= 2:
+            out.append(Heading(2, "All tasks"))
+            out.append(
+                Text(
+                    "Final accuracy over tasks x seeds, as rliable aggregates: the IQM of every "
+                    "task's runs pooled and the mean of the per-task means, with a stratified "
+                    "bootstrap (each resample draws seeds within each task)."
+                )
+            )
+            for noise in self.levels():
+                if noise is not None:
+                    out.append(Heading(3, f"reward_noise.{self.matrix.noise_field} = {noise:g}"))
+                out.append(self.aggregate_table(noise))
         failures = self.failures()
         if failures is not None:
             out.extend([Heading(2, "Runs without a result"), failures])
@@ -323,8 +525,11 @@ class Report:
             for noise in self.matrix.noise_levels:
                 scores = [final_accuracy(r) for r in self.runs(task, noise, algorithm)]
                 if scores:
-                    s = stats.summarize(scores, CONFIDENCE, CI_SEED, RESAMPLES)
-                    points.append((noise, s.mean, s.ci_low, s.ci_high))
+                    s = stats.summarize(scores, CONFIDENCE)
+                    if s.n < MIN_RUNS_FOR_INTERVAL:  # a point without a bar, as the table gives n/a
+                        points.append((noise, s.mean, math.nan, math.nan))
+                    else:
+                        points.append((noise, s.mean, s.ci_low, s.ci_high))
             lines[algorithm] = points
         if not any(lines.values()):
             return []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlbench.checkpoints import CHECKPOINT_DIR, LAST_CHECKPOINT
-from rlbench.config import RunConfig, dump_yaml
+from rlbench.config import RunConfig, dump_yaml, with_resolved_precision
 from rlbench.errors import RLBenchError
 from rlbench.stopping import SigtermWatchdog
 
@@ -271,6 +271,11 @@ def _train(
 
     resume = checkpoint is not None
     started = time.perf_counter()
+    # resolved once, here: the warm start, the Trainer, config.yaml and the logged params all
+    # see the precision this machine runs, never "auto"
+    config, chosen = with_resolved_precision(config)
+    if is_launcher_process():
+        print(chosen)
     # builds objects only (nothing is written yet); first, so that a missing optional logger
     # (wandb) fails before the warm start
     loggers = build_loggers(config, resume)
@@ -286,6 +291,8 @@ def _train(
     out = Path(config.output_dir)
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
+    if not progress_bar:  # --no-progress: eval's bar too (without a terminal it is off anyway)
+        module.evaluator.progress = False
     max_steps = config.trainer.max_steps
     checkpoints = RolloutStepCheckpoint(out / CHECKPOINT_DIR, config.trainer.checkpoint_every, max_steps)
     # before the checkpoint callback: a checkpoint holds the diagnostics of its own step

@@ -269,14 +269,7 @@ def sweep(
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # created once, before any worker: two processes creating the schema at once race
-    study = optuna.create_study(
-        storage=storage(url),
-        study_name=name,
-        direction=spec.direction,
-        sampler=spec.make_sampler(),
-        pruner=spec.make_pruner(),
-        load_if_exists=True,
-    )
+    study = create_study(spec, url, name)
     parent = study_run(spec, name)
     if parent is not None:
         study.set_user_attr("mlflow_run_id", parent)
@@ -289,6 +282,29 @@ def sweep(
         run_workers(command, workers)
     study = optuna.load_study(study_name=name, storage=storage(url))
     return write_results(spec, study)
+
+
+def create_study(spec: Sweep, url: str, name: str) -> Any:
+    """The sweep's Optuna study in ``url`` (loaded if it exists), its objective named after
+    ``spec.metric``: optuna-dashboard and ``trials.csv`` then say ``eval/accuracy``, not
+    "Objective 0" and "value"."""
+    import warnings
+
+    import optuna
+
+    study = optuna.create_study(
+        storage=storage(url),
+        study_name=name,
+        direction=spec.direction,
+        sampler=spec.make_sampler(),
+        pruner=spec.make_pruner(),
+        load_if_exists=True,
+    )
+    with warnings.catch_warnings():
+        # "experimental" since Optuna 3.2, and what optuna-dashboard reads the name from
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.metric])
+    return study
 
 
 def work(spec: Sweep, url: str, name: str, target: int) -> int:
@@ -375,12 +391,11 @@ def study_run(spec: Sweep, name: str) -> str | None:
 
     from mlflow import MlflowClient
 
-    from rlbench.tracking import mlflow_tracking_uri
+    from rlbench.tracking import ensure_experiment, mlflow_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     client = MlflowClient(mlflow_tracking_uri(config))
-    experiment = client.get_experiment_by_name(spec.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.name)
+    experiment_id = ensure_experiment(client, spec.name)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`rlbench.study` = '{name}' and tags.`rlbench.kind` = 'study'"
     )
@@ -463,14 +478,17 @@ def write_plots(study: Any, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the axis says what the objective is (eval/accuracy), not Optuna's "Objective Value"
+    named = {"target_name": study.metric_names[0]} if study.metric_names else {}
     for name, function in PLOTS:
+        options = named if function != "plot_intermediate_values" else {}  # it plots reports, not values
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental" warnings of the matplotlib backend
             try:
-                getattr(interactive, function)(study).write_html(
+                getattr(interactive, function)(study, **options).write_html(
                     out / f"{name}.html", include_plotlyjs="directory"
                 )
-                axes = getattr(static, function)(study)
+                axes = getattr(static, function)(study, **options)
                 figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
                 figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
                 plt.close(figure)

@@ -4,9 +4,10 @@ A task is deterministic given a seed: the same ``(split, n, seed)`` always yield
 prompts, and the train and eval splits never share a prompt.
 
 Every task's options dataclass extends ``TaskOptions`` (how prompts are rendered, which
-extractor reads the answer, the format reward), so those options mean the same for every
-task. A verifier reads an answer with ``Task.extract`` (one of ``rlbench.answers``'
-extractors) and compares it with ``answers_match`` (numbers as numbers), never by hand.
+extractor reads the answer, which verifier checks it, the format reward), so those options mean
+the same for every task. A verifier reads an answer with ``Task.extract`` (one of
+``rlbench.answers``' extractors) and compares it with ``answers_match`` (numbers as numbers),
+never by hand; with ``verifier: math_verify`` both go to Hugging Face's math-verify.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ import string
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from rlbench.answers import EXTRACTORS, answers_match, canonical, extract
-from rlbench.errors import require
+from rlbench.answers import (
+    EXTRACTORS,
+    VERIFIERS,
+    answers_match,
+    canonical,
+    extract,
+    math_answer,
+    math_answers_match,
+    require_math_verify,
+)
+from rlbench.errors import ConfigError, require
 
 Split = Literal["train", "eval"]
 
@@ -56,7 +66,16 @@ class TaskOptions:
     """How the answer is read from a completion before it is checked: ``last_number``,
     ``hash`` (after ``#### ``), ``boxed`` (``\\boxed{x}``), ``answer_tag``
     (``<answer>x</answer>``) or ``exact`` (the whole completion, trimmed); None: the task's
-    own choice."""
+    own choice (with ``verifier: math_verify``: math-verify's own reading of the completion)."""
+    verifier: Literal["extractor", "math_verify"] = "extractor"
+    """How an answer is checked against the expected one. ``extractor``: the task's own check
+    of what ``extractor`` reads (numbers compare as numbers: ``12.0`` is ``12``). ``math_verify``:
+    Hugging Face's math-verify (``pip install "rlbench[math]"``) reads the completion, LaTeX
+    included, and compares values, for GSM8K and MATH-style answers: ``\\frac{3}{4}`` is 0.75,
+    the last ``\\boxed{}`` is the answer whatever numbers follow it, ``25%`` is 0.25 (and 25);
+    an ``extractor`` set beside it first cuts out the text it reads (``answer_tag``). For tasks
+    whose answer is a number or formula (arithmetic, jsonl, multistep); tasks with a check of
+    their own (countdown, sort, reverse) refuse it."""
     format_reward: float = 0.0
     """Reward for a wrong answer that is still well formed (an answer could be extracted, or
     the task's own format check passes); 0 disables it. Correct answers get 1."""
@@ -86,6 +105,9 @@ class TaskOptions:
             self.extractor,
             f"null or one of {', '.join(sorted(EXTRACTORS))}",
         )
+        require(self.verifier in VERIFIERS, "verifier", self.verifier, f"one of {', '.join(VERIFIERS)}")
+        if self.verifier == "math_verify":
+            require_math_verify("verifier")  # an extra: missing, it is a config error, not a crash
         require(
             isinstance(self.format_reward, (int, float)) and 0.0 <= self.format_reward < 1.0,
             "format_reward",
@@ -113,13 +135,38 @@ class Task(abc.ABC):
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        # math-verify replaces ``is_correct``'s comparison; a task that checks answers its own
+        # way (an expression that must reach a target, a list) would silently ignore it
+        if self.verifier == "math_verify" and type(self).is_correct is not Task.is_correct:
+            raise ConfigError(
+                "task.verifier",
+                self.verifier,
+                f"task {type(self).__name__} checks its answers its own way, so it cannot use "
+                "math-verify; math_verify is for tasks whose answer is a number or formula "
+                "(arithmetic, jsonl, multistep). Leave task.verifier at extractor",
+            )
 
     @property
     def extractor(self) -> str:
         return getattr(self.config, "extractor", None) or self.default_extractor
 
+    @property
+    def verifier(self) -> str:
+        """``task.verifier``: ``extractor`` (the default) or ``math_verify``."""
+        return getattr(self.config, "verifier", "extractor")
+
+    def math_text(self, completion: str) -> str | None:
+        """What math-verify reads: the whole completion, or what an explicit ``task.extractor``
+        cuts out of it (None when it finds nothing). The task's default extractor is not used:
+        ``last_number`` would turn ``\\frac{3}{4}`` into 4."""
+        explicit = getattr(self.config, "extractor", None)
+        return completion if explicit is None else extract(explicit, completion)
+
     def extract(self, completion: str) -> str | None:
-        """The answer the task's extractor reads from ``completion`` (None: no answer found)."""
+        """The answer the task's extractor reads from ``completion`` (None: no answer found);
+        with ``verifier: math_verify``, math-verify's reading of it in canonical form."""
+        if self.verifier == "math_verify":
+            return math_answer(self.math_text(completion))
         return extract(self.extractor, completion)
 
     def answer_key(self, completion: str) -> str | None:
@@ -133,7 +180,10 @@ class Task(abc.ABC):
 
     def is_correct(self, prompt: Prompt, completion: str) -> bool:
         """Whether the completion solves the prompt (what ``eval/accuracy`` counts): by default
-        the extracted answer matches ``prompt.answer`` (numbers compare as numbers)."""
+        the extracted answer matches ``prompt.answer`` (numbers compare as numbers); with
+        ``verifier: math_verify``, math-verify finds the completion equal to it."""
+        if self.verifier == "math_verify":
+            return math_answers_match(self.math_text(completion), prompt.answer)
         return answers_match(self.extract(completion), prompt.answer)
 
     def reward(self, prompt: Prompt, completion: str) -> float:

@@ -21,6 +21,12 @@ from rlbench.config import RunConfig
 from rlbench.errors import RLBenchError
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+#: The experiment tag the MLflow 3 UI reads to choose an experiment's first page (set by its
+#: "experiment type" selector): with none, a new experiment opens on the GenAI overview of
+#: traces and evaluations, empty for rlbench's training runs. "custom_model_development"
+#: opens it on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 WANDB_RUN_ID_FILE = "wandb_run_id"
 #: Where W&B writes its runs, under ``output_dir`` (``offline-run-*`` without an API key).
 WANDB_DIR = "wandb"
@@ -31,6 +37,31 @@ def mlflow_tracking_uri(config: RunConfig) -> str:
         return config.logging.mlflow_tracking_uri
     store = Path(config.output_dir).resolve().parent / "mlflow.db"
     return f"sqlite:///{store}"
+
+
+def mark_experiment_kind(client: Any, experiment_id: str) -> None:
+    """Tags the experiment as model training (``EXPERIMENT_KIND``) unless it has a kind already:
+    a kind chosen in the UI stays."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of the MLflow experiment ``name``, created (with its kind) if it does not exist.
+
+    Another process may create it at the same moment (a worker of the same matrix or sweep on
+    another machine): then its experiment is the one returned."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            pass
+        found = client.get_experiment_by_name(name)
+    mark_experiment_kind(client, found.experiment_id)  # one made before rlbench set kinds
+    return found.experiment_id
 
 
 def build_loggers(config: RunConfig, resume: bool) -> list[Any]:
@@ -200,6 +231,8 @@ def start_loggers(loggers: list[Any], config: RunConfig, resume: bool) -> None:
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
             (out / MLFLOW_RUN_ID_FILE).write_text(logger.run_id or "")
+            # Lightning creates a missing experiment without tags
+            mark_experiment_kind(logger.experiment, logger.experiment_id)
         if isinstance(logger, WandbLogger):
             (out / WANDB_RUN_ID_FILE).write_text(logger.version or "")
         if not resume:  # MLflow refuses to change a logged param, and a resume keeps them

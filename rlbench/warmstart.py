@@ -14,6 +14,7 @@ same weights.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from rlbench.cache import build_once
-from rlbench.config import RunConfig, config_hash
+from rlbench.config import RunConfig, config_hash, with_resolved_precision
 from rlbench.data import StepTicks
 from rlbench.errors import RLBenchError
 from rlbench.evaluation import greedy_accuracy
@@ -38,12 +39,16 @@ INFO_FILE = "warmstart.json"
 
 def warmstart_dir(config: RunConfig) -> Path:
     ws = config.warmstart
+    # the precision it trains in, resolved: with "auto" a bf16 machine and an fp32 one build
+    # different weights, and a cache shared between them must not hand one the other's
+    precision = with_resolved_precision(config)[0].trainer.precision
     key = config_hash(
         config.model,
         config.task,
         {k: v for k, v in vars(ws).items() if k not in ("cache_dir", "seed")},
         config.warmstart_seed,
         config.rollout.max_new_tokens,
+        {"precision": precision},
     )
     return Path(ws.cache_dir) / f"{config.task.name}-{config.model.name_or_path.replace('/', '_')}-{key}"
 
@@ -55,10 +60,24 @@ def base_model_path(config: RunConfig, task: Task) -> str:
 
 
 def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, Any]]:
-    """The warm-start checkpoint's directory and its info (accuracy, steps), built if not cached."""
+    """The warm-start checkpoint's directory and its info (accuracy, steps), built if not cached.
+
+    Building shows Lightning's bar (steps, ETA up to ``warmstart.max_steps``; it stops earlier
+    once the target is reached) on a terminal, and one line saying what it does either way
+    unless ``quiet``.
+    """
+    # a no-op when the run already resolved it; `rlbench warmstart` and benchmarks come here directly
+    config, chosen = with_resolved_precision(config)
     directory = warmstart_dir(config)
 
     def build(tmp: Path) -> None:
+        ws = config.warmstart
+        if not quiet:
+            print(
+                f"warm start: training {config.model.name_or_path} on {config.task.name} "
+                f"demonstrations until validation accuracy {ws.target_accuracy} (at most "
+                f"{ws.max_steps} steps; {chosen}); cached in {directory}"
+            )
         task = TASKS.get(config.task.name)(config.task.options)
         model, tokenizer = load_policy(
             base_model_path(config, task), config.model.dtype, config.model.trust_remote_code
@@ -71,7 +90,8 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
             precision=config.trainer.precision,
             logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=not quiet,
+            # a bar only on a terminal: written to a log it is a line per refresh
+            enable_progress_bar=not quiet and sys.stderr.isatty(),
             enable_model_summary=False,
         )
         trainer.fit(module, train_dataloaders=StepTicks())

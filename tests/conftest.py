@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from rlbench.config import RunConfig, load_config
+from rlbench.config import AUTO_PRECISION_ENV, RunConfig, load_config
 
 torch.set_num_threads(2)
+# trainer.precision "auto" picks bf16 on a CPU with native bf16: pinned here (and in the CLI
+# processes tests start, which inherit it) so that no test depends on the CPU's kernels
+os.environ.setdefault(AUTO_PRECISION_ENV, "32-true")
 
 
 @pytest.fixture
@@ -35,6 +38,7 @@ def make_config(tmp_path: Path) -> Callable[..., RunConfig]:
             "trainer.max_steps=3",
             "eval.num_prompts=16",
             "eval.every_n_steps=2",
+            "trainer.precision=32-true",
         ]
         return load_config(None, [*base, *overrides])
 

@@ -18,10 +18,11 @@ from algorithms.dpo import DPO, DPOConfig, preference_loss
 from algorithms.ppo import PPO, PPOConfig
 from algorithms.rloo import RLOO, RLOOConfig
 from rlbench.algorithm import LossScale, RolloutBatch
+from rlbench.data import minibatch_seed
 from rlbench.errors import ConfigError, RLBenchError
 from rlbench.guard import non_finite_gradient
 from rlbench.metrics import combine_micro_batches, reduce_over_processes
-from rlbench.microbatch import take
+from rlbench.microbatch import minibatches, take
 from rlbench.module import RLModule
 from rlbench.pair_source import PAIRS_FILE
 from rlbench.pairs import read_pairs
@@ -154,13 +155,15 @@ def test_ppo_loss_is_the_sum_of_its_shares_and_they_add_up_over_micro_batches():
     logprobs = -torch.rand(2, 3)
     scale = LossScale(2, 5, 3)
     loss, whole = algo.loss(logprobs, batch, scale, hidden)
-    assert float(loss) == pytest.approx(float(whole["policy_loss"] + 0.5 * whole["value_loss"]))
+    # minimised together, logged apart: "loss" is the policy's share, like every algorithm's
+    assert float(loss) == pytest.approx(float(whole["loss"] + 0.5 * whole["value_loss"]))
+    assert "policy_loss" not in whole
     parts = [
         (algo.loss(logprobs[i : i + 1], batch.rows(slice(i, i + 1)), scale, hidden[i : i + 1])[1], n)
         for i, n in ((0, 3.0), (1, 2.0))
     ]
     combined = combine_micro_batches(parts)
-    for name in ("loss", "policy_loss", "value_loss"):
+    for name in ("loss", "value_loss"):
         assert combined[name] == pytest.approx(float(whole[name]), abs=1e-6), name
     # and over processes: every *_loss adds up, like train/loss
     rows: list[torch.Tensor] = []
@@ -246,7 +249,8 @@ def test_ppo_value_head_is_a_trained_submodule_with_its_own_learning_rate(
     assert module.algorithm_modules["value_head"].linear.weight.abs().sum() > 0  # it trained
     for name in (
         "value_loss",
-        "policy_loss",
+        "value_grad_norm",
+        "grad_norm",
         "value_explained_var",
         "returns_mean",
         "kl",
@@ -317,11 +321,16 @@ def test_dpo_pairs_are_built_once_from_the_verifier_and_shared_by_every_seed(
     built = []
     for seed in (0, 1):
         module = module_for(
-            make_config, preset, "algorithm.name=dpo", "algorithm.dpo.num_prompts=64", f"seed={seed}"
+            make_config,
+            preset,
+            "algorithm.name=dpo",
+            "algorithm.dpo.num_prompts=64",
+            "algorithm.dpo.pairs_seed=0",  # a fixed pair seed (null would take the run's)
+            f"seed={seed}",
         )
         module.experience.setup(module.policy, 0, 0, 1)
         built.append(module.experience.cache)
-    assert built[0] == built[1]  # one cache entry: the run seed is not part of the key
+    assert built[0] == built[1]  # one cache entry: with pairs_seed fixed the run seed is not in the key
     pairs = read_pairs(built[0] / PAIRS_FILE)
     assert pairs and all(p.chosen_reward > p.rejected_reward for p in pairs)
     assert all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
@@ -333,6 +342,7 @@ def test_dpo_pairs_are_built_once_from_the_verifier_and_shared_by_every_seed(
         preset,
         "algorithm.name=dpo",
         "algorithm.dpo.num_prompts=64",
+        "algorithm.dpo.pairs_seed=0",
         "seed=5",
         f"warmstart.cache_dir={tmp_path / 'other-cache'}",
     )
@@ -446,3 +456,74 @@ def test_ppo_separate_critic_model_trains_its_own_trunk(odd_first_digit, make_co
     assert not torch.equal(trained, module.policy.get_input_embeddings().weight.detach())  # not the policy's
     for name in ("value_loss", "values_mean", "value_clip_frac", "value_explained_var"):
         assert math.isfinite(metrics[f"train/{name}"]), name
+
+
+# PPO's critic is trained as PPO's name promises: several epochs over reshuffled minibatches,
+# an optional critic-only warm-up with the policy frozen, an optional stop-gradient into the
+# shared trunk, and gradient norms and losses logged apart from the policy's.
+
+
+def test_minibatches_are_reshuffled_every_epoch_and_reproducible():
+    batch = batch_of(list(range(16)), group_size=2)  # 8 groups of 2 rows
+    epochs = [minibatches(batch, k=2, group_size=2, seed=minibatch_seed(0, 5, e)) for e in range(3)]
+    splits = [[sorted(p.rewards.tolist()) for p in parts] for parts in epochs]
+    for parts in epochs:
+        rows = sorted(r for p in parts for r in p.rewards.tolist())
+        assert rows == list(range(16))  # every row once per epoch
+        for p in parts:  # whole groups: rows 2g and 2g+1 travel together
+            r = p.rewards.tolist()
+            assert all(r[i] // 2 == r[i + 1] // 2 and r[i] % 2 == 0 for i in range(0, len(r), 2))
+    assert splits[0] != splits[1] or splits[1] != splits[2]  # a new split each epoch
+    # a resumed run (same seed, step and epoch) splits alike; another step differently
+    again = minibatches(batch, k=2, group_size=2, seed=minibatch_seed(0, 5, 1))
+    assert [p.rewards.tolist() for p in again] == [p.rewards.tolist() for p in epochs[1]]
+    assert minibatch_seed(0, 5, 1) != minibatch_seed(0, 6, 1) != minibatch_seed(1, 5, 1)
+
+
+def test_value_head_detach_keeps_the_value_loss_out_of_the_trunk():
+    torch.manual_seed(0)
+    scale = LossScale(2, 5, 3)
+    batch = ppo_batch(advantages=torch.zeros(2, 3), returns=torch.randn(2, 3))
+    logprobs = torch.zeros(2, 3)  # no policy gradient: only the value loss reaches the hidden states
+    for detach, reaches_trunk in ((False, True), (True, False)):
+        algo = PPO(PPOConfig(value_head_detach=detach, vf_coef=1.0))
+        algo.build_modules(LMHeadOnly(hidden=4, vocab=7))
+        assert algo.value_head is not None
+        with torch.no_grad():  # a head past its zero start (at 0 no gradient flows back anyway)
+            algo.value_head.linear.weight.fill_(0.5)
+        hidden = torch.randn(2, 3, 4, requires_grad=True)
+        loss, _ = algo.loss(logprobs, batch, scale, hidden)
+        loss.backward()
+        assert algo.value_head.linear.bias.grad is not None
+        assert float(algo.value_head.linear.bias.grad.abs()) > 0  # the head learns either way
+        trunk = 0.0 if hidden.grad is None else float(hidden.grad.abs().sum())
+        assert (trunk > 0) is reaches_trunk, detach
+
+
+def test_critic_warmup_trains_the_critic_alone_then_both(odd_first_digit: Any, make_config: Any, preset: str):
+    module = module_for(make_config, preset, *PPO_RUN, "algorithm.ppo.critic_warmup_steps=2")
+    policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    head = module.algorithm_modules["value_head"].linear
+    head_before = head.weight.clone()
+    metrics = run_steps(module, 2)
+    assert all(torch.equal(policy_before[k], v) for k, v in module.policy.state_dict().items())
+    assert not torch.equal(head.weight, head_before)  # the critic trained
+    assert "train/grad_norm" not in metrics and metrics["train/value_grad_norm"] > 0
+    module.config.trainer.max_steps = 3
+    metrics = run_steps(module, 3)  # step 2: past the warm-up, the policy moves too
+    assert any(not torch.equal(policy_before[k], v) for k, v in module.policy.state_dict().items())
+    assert metrics["train/grad_norm"] > 0 and metrics["train/value_grad_norm"] > 0
+
+
+def test_grad_norm_and_loss_are_the_policys_alone(odd_first_digit: Any, make_config: Any, preset: str):
+    """The critic's gradient is clipped and logged apart; with the value head detached, the
+    policy's norm is exactly what the policy loss alone gives (the same run with vf_coef 0)."""
+    runs = {}
+    for vf in ("0.0", "1.0"):
+        torch.manual_seed(0)
+        module = module_for(make_config, preset, *PPO_RUN, "algorithm.ppo.value_head_detach=true",
+                            f"algorithm.ppo.vf_coef={vf}", "optim.grad_clip=1000")  # fmt: skip
+        runs[vf] = run_steps(module, 1)
+    assert runs["0.0"]["train/grad_norm"] == pytest.approx(runs["1.0"]["train/grad_norm"], rel=1e-5)
+    assert runs["0.0"]["train/loss"] == pytest.approx(runs["1.0"]["train/loss"], rel=1e-5)
+    assert runs["1.0"]["train/value_grad_norm"] > 0 and runs["1.0"]["train/value_loss"] > 0

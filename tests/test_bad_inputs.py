@@ -227,15 +227,23 @@ CASES = [
         "algorithm.grpo.group_size=1 is invalid",
         "set scale_rewards false or group_size >= 2",
     ),
+    # a micro-batch above the step's batch is the whole batch (tests/test_config.py); below 0
+    # it means nothing
     case(
-        "train-micro-batch-above-batch",
-        "train.micro_batch_size=5",  # TINY: 2 prompts x 2 completions
-        "train.micro_batch_size=5 is invalid: at most the step's batch of 4 completions",
+        "train-micro-batch-negative",
+        "train.micro_batch_size=-1",
+        "train.micro_batch_size=-1 is invalid: an integer >= 0",
     ),
     case(
-        "rollout-micro-batch-above-batch",
-        "rollout.micro_batch_size=5",
-        "rollout.micro_batch_size=5 is invalid: at most the step's batch of 4 completions",
+        "rollout-micro-batch-negative",
+        "rollout.micro_batch_size=-4",
+        "rollout.micro_batch_size=-4 is invalid: an integer >= 0",
+    ),
+    case(
+        "verifier-unknown",
+        "task.verifier=sympy",
+        "task.verifier='sympy' is invalid",
+        "'extractor', 'math_verify'",
     ),
     case(
         "prompts-not-divisible-by-devices",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import yaml
 
 from rlbench.cellstore import DONE, FAILED, MAX_ATTEMPTS, PENDING, RUNNING, CellStore
@@ -16,7 +17,9 @@ from rlbench.matrix import Cell, MatrixError, load_matrix, parse_matrix
 from rlbench.records import DONE as RECORD_DONE
 from rlbench.records import FAILED as RECORD_FAILED
 from rlbench.records import Experiment, RunRecord
-from rlbench.report import Report, Table, cost_to_reach, tables_markdown, to_html, to_markdown
+from rlbench.registry import ALGORITHMS
+from rlbench.report import Report, Table, cost_to_reach, seed_varies, tables_markdown, to_html, to_markdown
+from rlbench.stats import bootstrap_ci, mean_ci, probability_of_improvement_ci, stratified_bootstrap_ci
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -97,6 +100,12 @@ def test_the_written_matrix_reads_back_to_the_same_cells(tmp_path):
         ({"seedz": [0]}, "seedz=[0] is invalid: not a matrix key; the keys are name, base"),
         ({"tasks": {"w": {"name": "jsonl", "path": "/no/such.jsonl"}}}, "cell w-grpo-s0: task.path"),
         ({"set": {"seed": 3}}, "set.seed=3 is invalid: set by the matrix's own axes"),
+        # the null it offers is the report's default (Report.threshold), not another rule
+        (
+            {"threshold": 1.5},
+            "threshold=1.5 is invalid: an accuracy in (0, 1], or null (halfway from the warm "
+            "start's mean accuracy to the best algorithm's mean final accuracy)",
+        ),
     ],
 )
 def test_a_bad_matrix_names_the_cell_and_the_field(tmp_path, fields, expected):
@@ -205,29 +214,187 @@ def test_summary_table_against_hand_computed_figures(tmp_path):
     ]
     report = Report(experiment(tmp_path, records, threshold=0.55), plots_dir=None)
     table = report.summary_table("arithmetic", None, 0.55)
+    assert table.header[2:4] == ["final accuracy, mean [95% t-interval]", "IQM [95% percentile bootstrap]"]
     grpo, ppo = table.rows
-    # mean of 0.5 and 0.7; with two seeds the bootstrap means are 0.5, 0.6, 0.7 with chances
-    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 0.5 and 0.7; the IQM of two is the mean
-    assert grpo[:4] == ["grpo", "2/2", "0.600 [0.500, 0.700]", "0.600"]
+    # mean of 0.5 and 0.7, the IQM of two is the mean; two runs give no interval, one run
+    # never a zero-width one
+    assert grpo[:4] == ["grpo", "2/2", "0.600 [n/a: 2 runs]", "0.600 [n/a: 2 runs]"]
     # only seed 1 reaches 0.55, at its final eval (step 20): 20 steps of 100 samples
     assert grpo[4:7] == ["2.0k (1/2)", "20.0k (1/2)", "200 (1/2)"]
     assert grpo[7:] == ["1/2 (step 12)", "1.5", "0.0200"]
-    assert ppo[:4] == ["ppo", "1/2", "0.400 [0.400, 0.400]", "0.400"]
+    assert ppo[:4] == ["ppo", "1/2", "0.400 [n/a: 1 run]", "0.400 [n/a: 1 run]"]
     assert ppo[4] == "never"
     improvement = report.improvement_table("arithmetic", None)
-    # P(grpo > ppo): 0.5 > 0.4 and 0.7 > 0.4, 2 of 2 pairs; P(ppo > grpo) = 0
-    assert improvement.rows == [["grpo", "-", "1.00 [1.00, 1.00]"], ["ppo", "0.00 [0.00, 0.00]", "-"]]
+    assert improvement.header[0] == "P(row > column) [95% percentile bootstrap]"
+    # P(grpo > ppo): 0.5 > 0.4 and 0.7 > 0.4, 2 of 2 pairs; P(ppo > grpo) = 0; ppo has one run
+    assert improvement.rows == [["grpo", "-", "1.00 [n/a: 1 run]"], ["ppo", "0.00 [n/a: 1 run]", "-"]]
     failures = report.failures()
     assert failures.rows == [["arithmetic-ppo-s1", "failed", "NaN loss at step 3"]]
 
 
 def test_probability_of_improvement_with_ties_and_its_interval(tmp_path):
-    records = [record(Cell("arithmetic", "grpo", s), v) for s, v in enumerate([0.5, 0.7])]
-    records += [record(Cell("arithmetic", "ppo", s), v) for s, v in enumerate([0.4, 0.6])]
-    table = Report(experiment(tmp_path, records), plots_dir=None).improvement_table("arithmetic", None)
-    # pairs (0.5,0.4) (0.5,0.6) (0.7,0.4) (0.7,0.6): 3 of 4 won
-    assert table.rows[0][2].startswith("0.75 [")
-    assert table.rows[1][1].startswith("0.25 [")
+    records = [record(Cell("arithmetic", "grpo", s), v) for s, v in enumerate([0.5, 0.7, 0.6])]
+    records += [record(Cell("arithmetic", "ppo", s), v) for s, v in enumerate([0.4, 0.6, 0.3])]
+    exp = experiment(tmp_path, records, seeds=[0, 1, 2])
+    table = Report(exp, plots_dir=None).improvement_table("arithmetic", None)
+    # grpo 0.5 beats 0.4 and 0.3; 0.7 beats all three; 0.6 beats 0.4 and 0.3 and ties 0.6:
+    # 2 + 3 + 2.5 = 7.5 of 9 pairs = 0.83, and P(ppo > grpo) = 1.5 / 9 = 0.17
+    low, high = probability_of_improvement_ci([0.5, 0.7, 0.6], [0.4, 0.6, 0.3], 0.95, 10_000, 0)
+    assert table.rows[0][2] == f"0.83 [{low:.2f}, {high:.2f}]"
+    assert table.rows[1][1].startswith("0.17 [")
+
+
+def test_a_row_of_too_few_finished_runs_prints_no_interval_and_the_caveat_counts_them(tmp_path):
+    seeds = [0, 1, 2, 3, 4]
+    finals = [0.52, 0.61, 0.47, 0.70, 0.58]
+    records = [record(Cell("arithmetic", "grpo", s), v) for s, v in zip(seeds, finals)]
+    records += [record(Cell("arithmetic", "ppo", s), v) for s, v in ((0, 0.42), (1, 0.61))]
+    report = Report(experiment(tmp_path, records, seeds=seeds), plots_dir=None)
+    grpo, ppo = report.summary_table("arithmetic", None, 0.55).rows
+    # 5 runs: the mean's t-interval (what scipy's one-sample t-test gives) and the IQM's bootstrap
+    low, high = mean_ci(finals)
+    expected = scipy.stats.ttest_1samp(finals, 0.0).confidence_interval(0.95)
+    assert (low, high) == pytest.approx((expected.low, expected.high))
+    iqm_low, iqm_high = bootstrap_ci(finals, "iqm", 0.95, 10_000, 0)
+    assert grpo[:4] == [
+        "grpo",
+        "5/5",
+        f"0.576 [{low:.3f}, {high:.3f}]",
+        f"0.570 [{iqm_low:.3f}, {iqm_high:.3f}]",
+    ]
+    assert ppo[:4] == ["ppo", "2/5", "0.515 [n/a: 2 runs]", "0.515 [n/a: 2 runs]"]
+    text = to_markdown(report.blocks())
+    # 5 seeds planned, but the caveat is about the 2 runs ppo finished
+    assert "Few seeds: the fewest finished runs behind a row is 2 (of 5 planned seeds)." in text
+    assert "[0.380, 0.380]" not in text and "n/a: 2 runs" in text
+
+
+def test_no_caveat_when_every_row_has_five_finished_runs(tmp_path):
+    seeds = [0, 1, 2, 3, 4]
+    records = [record(Cell("arithmetic", a, s), 0.5 + 0.01 * s) for a in ("grpo", "ppo") for s in seeds]
+    assert "Few seeds" not in tables_markdown(experiment(tmp_path, records, seeds=seeds))
+
+
+def test_paired_table_differences_seed_by_seed(tmp_path):
+    records = [record(Cell("arithmetic", "grpo", s), v) for s, v in enumerate([0.6, 0.7, 0.5, 0.8])]
+    # ppo's seed 4 has no grpo run to pair with: left out
+    records += [record(Cell("arithmetic", "ppo", s), v) for s, v in enumerate([0.5, 0.5, 0.4, 0.6, 0.9])]
+    records += [record(Cell("arithmetic", "rloo", s), v) for s, v in enumerate([0.6, 0.7])]
+    exp = experiment(tmp_path, records, algorithms=["grpo", "ppo", "rloo"], seeds=[0, 1, 2, 3, 4])
+    table = Report(exp, plots_dir=None).paired_table("arithmetic", None)
+    assert table.header == [
+        "A - B", "seeds", "mean difference [95% t-interval]", "sd of differences", "seeds to resolve"
+    ]  # fmt: skip
+    by_pair = {row[0]: row[1:] for row in table.rows}
+    # grpo - ppo on seeds 0-3: differences [0.1, 0.2, 0.1, 0.2], mean 0.15, sd sqrt(0.01 / 3) =
+    # 0.0577, t_{0.975, 3} = 3.1824 x 0.0577 / 2 = 0.0919; 3 seeds resolve it:
+    # t_{0.975, 2} = 4.3027 x 0.0577 / sqrt(3) = 0.143 < 0.15
+    assert by_pair["grpo - ppo"] == ["4", "+0.150 [0.058, 0.242]", "0.058", "3"]
+    # grpo - rloo on seeds 0, 1: differences [0, 0]: no interval from 2 seeds, and no seed
+    # count resolves a zero difference
+    assert by_pair["grpo - rloo"] == ["2", "+0.000 [n/a: 2 seeds]", "0.000", "never"]
+    # ppo - rloo: [-0.1, -0.2], mean -0.15, sd 0.0707; t_{0.975, n-1} x 0.0707 / sqrt(n) < 0.15
+    # first at n = 4 (3.1824 x 0.0354 = 0.1125; at n = 3, 4.3027 x 0.0408 = 0.176)
+    assert by_pair["ppo - rloo"] == ["2", "-0.150 [n/a: 2 seeds]", "0.071", "4"]
+    text = tables_markdown(exp)
+    assert "Final accuracy of A minus B, paired by seed" in text
+
+
+def test_aggregate_over_tasks_uses_a_stratified_bootstrap(tmp_path):
+    tasks = {"add": {"name": "arithmetic", "digits": 2}, "sort": {"name": "sort"}}
+    scores = {"add": [0.6, 0.7, 0.5], "sort": [0.2, 0.3, 0.1]}
+    records = [record(Cell(t, "grpo", s), v) for t, vs in scores.items() for s, v in enumerate(vs)]
+    records += [record(Cell("add", "ppo", s), 0.4) for s in range(2)]
+    exp = experiment(tmp_path, records, tasks=tasks, seeds=[0, 1, 2])
+    report = Report(exp, plots_dir=None)
+    table = report.aggregate_table(None)
+    assert table.header == [
+        "algorithm",
+        "runs",
+        "IQM [95% stratified bootstrap]",
+        "mean [95% stratified bootstrap]",
+    ]
+    grpo, ppo = table.rows
+    by_task = list(scores.values())
+    # IQM of the 6 pooled scores, int(1.5) = 1 cut from each end: [0.2, 0.3, 0.5, 0.6] -> 0.4;
+    # mean of the task means (0.6 + 0.2) / 2 = 0.4
+    iqm_low, iqm_high = stratified_bootstrap_ci(by_task, "iqm", 0.95, 10_000, 0)
+    mean_low, mean_high = stratified_bootstrap_ci(by_task, "mean", 0.95, 10_000, 0)
+    assert grpo == [
+        "grpo",
+        "6/6",
+        f"0.400 [{iqm_low:.3f}, {iqm_high:.3f}]",
+        f"0.400 [{mean_low:.3f}, {mean_high:.3f}]",
+    ]
+    # each task's mean moves within its own seeds' range, so the mean of means stays in
+    # [(0.5 + 0.1) / 2, (0.7 + 0.3) / 2] = [0.3, 0.5]
+    assert 0.3 <= mean_low < 0.4 < mean_high <= 0.5
+    assert ppo == ["ppo", "2/6", "- (no finished run on sort)", "-"]
+    text = tables_markdown(exp)
+    assert (
+        "## All tasks" in text and "stratified bootstrap (each resample draws seeds within each task)" in text
+    )
+    one_task = tables_markdown(experiment(tmp_path, [r for r in records if r.task == "add"], seeds=[0, 1, 2]))
+    assert "## All tasks" not in one_task
+
+
+def test_aggregate_needs_three_runs_in_every_task_for_an_interval(tmp_path):
+    tasks = {"add": {"name": "arithmetic", "digits": 2}, "sort": {"name": "sort"}}
+    records = [record(Cell("add", "grpo", s), 0.5 + 0.1 * s) for s in range(3)]
+    records += [record(Cell("sort", "grpo", s), 0.2 + 0.1 * s) for s in range(2)]
+    exp = experiment(tmp_path, records, tasks=tasks, seeds=[0, 1, 2], algorithms=["grpo"])
+    (grpo,) = Report(exp, plots_dir=None).aggregate_table(None).rows
+    # pooled [0.2, 0.3, 0.5, 0.6, 0.7], cut int(1.25) = 1 from each end: (0.3 + 0.5 + 0.6) / 3
+    # mean of means: (0.6 + 0.25) / 2 = 0.425
+    assert grpo == ["grpo", "5/6", "0.467 [n/a: 2 runs on sort]", "0.425 [n/a: 2 runs on sort]"]
+
+
+def test_report_says_what_a_seed_varies_from_the_runs_own_options(tmp_path, monkeypatch):
+    from rlbench.registry import ALGORITHMS
+
+    def varies(self):
+        return f"prompts and samples (beta={self.config.beta:g})"
+
+    monkeypatch.setattr(ALGORITHMS.get("grpo"), "seed_varies", property(varies))
+    grpo = record(Cell("arithmetic", "grpo", 0), 0.6)
+    grpo.algorithm_params = {"algorithm.grpo.beta": "0.02", "algorithm.grpo.group_size": "4"}
+    # options that do not rebuild (here an unknown field) leave the line out, never crash
+    ppo = record(Cell("arithmetic", "ppo", 0), 0.5)
+    ppo.algorithm_params = {"algorithm.ppo.no_such_option": "1"}
+    report = Report(experiment(tmp_path, [grpo, ppo]), plots_dir=None)
+    assert report.seed_table().rows == [["grpo", "prompts and samples (beta=0.02)"]]
+    assert "What a seed varies, per algorithm" in tables_markdown(report.experiment)
+    assert seed_varies("no-such-algorithm", {}) is None
+    assert (
+        Report(experiment(tmp_path, [record(Cell("arithmetic", "grpo", 0), 0.6)]), None).seed_table() is None
+    )
+
+
+def test_run_directories_give_the_algorithm_options_mlflow_logs(tmp_path):
+    from rlbench.config import dump_yaml
+    from rlbench.records import from_directory
+
+    # a non-default option, to see it travel: DPO's pairs shared by every seed
+    fields = {"algorithms": ["grpo", "dpo"], "seeds": [0], "set": {"algorithm.dpo.pairs_seed": 3}}
+    matrix = load_matrix(write_matrix(tmp_path, **fields))
+    matrix.output_dir.mkdir(parents=True)
+    (matrix.output_dir / "matrix.yaml").write_text(matrix.dump())
+    for cell in matrix.cells():
+        config = matrix.cell_config(cell)
+        run_dir = matrix.run_dir(cell)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
+        (run_dir / "summary.json").write_text("{}")
+        prefix = f"algorithm.{cell.algorithm}."
+        # Lightning's MLFlowLogger logs str(value)[:250] of each of config.flat()'s entries
+        logged = {k: str(v)[:250] for k, v in config.flat().items() if k.startswith(prefix)}
+        (run,) = [r for r in from_directory(matrix.output_dir).records if r.cell == matrix.cell_name(cell)]
+        assert run.algorithm_params == logged and logged
+        assert cell.algorithm != "dpo" or logged["algorithm.dpo.pairs_seed"] == "3"
+        assert (
+            seed_varies(cell.algorithm, logged)
+            == ALGORITHMS.get(cell.algorithm)(config.algorithm.options).seed_varies
+        )
 
 
 def test_default_threshold_is_halfway_from_the_warm_start_to_the_best_mean(tmp_path):
@@ -244,7 +411,11 @@ def test_report_states_seeds_budget_ci_method_warm_start_and_commit(tmp_path):
     text = tables_markdown(experiment(tmp_path, [run], budget={"samples": 1000}))
     assert "Seeds: 0, 1." in text
     assert "Budget: budget.samples=1000 (1 runs ended by it)." in text
-    assert "95% percentile bootstrap over seeds (10,000 resamples" in text
+    assert "means: 95% t-interval over seeds" in text
+    assert "IQM and P(X > Y): 95% percentile bootstrap over seeds (10,000 resamples" in text
+    assert "over tasks: 95% stratified bootstrap" in text
+    # the caveat counts finished runs, not the 2 planned seeds: ppo finished none
+    assert "the fewest finished runs behind a row is 0 (of 2 planned seeds)" in text
     assert "one warm start (warmstart.seed=0) shared by every run" in text
     assert "Code commit: abc123." in text
 
@@ -270,7 +441,7 @@ def test_noise_matrix_report_draws_the_robustness_chart(tmp_path):
     assert "plots/arithmetic-flip_prob0.2-curves-step.png" in images
     assert (tmp_path / "plots" / "arithmetic-robustness.png").stat().st_size > 10_000
     text = to_markdown(report.blocks())
-    assert "### reward_noise.flip_prob = 0.2" in text and "| grpo | 2/2 | 0.550 [0.500, 0.600] |" in text
+    assert "### reward_noise.flip_prob = 0.2" in text and "| grpo | 2/2 | 0.550 [n/a: 2 runs] |" in text
 
 
 def test_progress_line_counts_cells_and_estimates_the_time_left(monkeypatch):
@@ -312,3 +483,33 @@ def test_tuned_rows_take_a_sweeps_best_parameters(tmp_path):
         load_matrix(write_matrix(tmp_path, tuned={"ppo": "sweeps/ppo"}))
     with pytest.raises(MatrixError, match="one of the matrix's algorithms: grpo, ppo"):
         load_matrix(write_matrix(tmp_path, tuned={"dpo": "sweeps/grpo"}))
+
+
+# ------------------------------------------------------------------ the MLflow experiment
+
+
+def test_the_mlflow_ui_opens_a_matrix_experiment_on_its_runs(tmp_path):
+    """MLflow 3 opens an experiment without a kind on its GenAI overview, empty for training
+    runs: each cell's run marks the matrix's experiment as model training, unless a kind was
+    chosen already (in the UI)."""
+    import mlflow
+
+    from rlbench.compare import prepare
+    from rlbench.tracking import EXPERIMENT_KIND_TAG, build_loggers, start_loggers
+
+    matrix = load_matrix(write_matrix(tmp_path))
+    prepare(matrix)  # creates the experiment before any worker starts
+    client = mlflow.MlflowClient(matrix.tracking_uri())
+
+    def start_cell(cell: Cell) -> dict[str, str]:
+        config = matrix.cell_config(cell)
+        Path(config.output_dir).mkdir(parents=True)
+        start_loggers(build_loggers(config, resume=False), config, resume=False)
+        return client.get_experiment_by_name("m").tags
+
+    first, second = matrix.cells()[:2]
+    assert start_cell(first)[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    experiment_id = client.get_experiment_by_name("m").experiment_id
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "finetuning")
+    assert start_cell(second)[EXPERIMENT_KIND_TAG] == "finetuning"
+    assert len(client.search_runs([experiment_id])) == 2

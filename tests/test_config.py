@@ -254,3 +254,49 @@ def test_readme_documents_every_algorithm_option_from_the_field_docs():
     assert readme_with_options(readme) == readme, "run: python -m rlbench.config_help"
     for name in ALGORITHMS.names():
         assert f"**`{name}`**" in readme
+
+
+# ---------------------------------------------------------------- smaller steps
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def test_a_smaller_step_keeps_a_micro_batch_set_for_a_larger_one():
+    """examples/smollm2_addition.yaml generates its 32-completion step in one micro-batch of 32;
+    halving the step must not be refused over that micro-batch: it is still the whole batch."""
+    example = EXAMPLES / "smollm2_addition.yaml"
+    assert load_config(example).rollout.micro_batch_size == 0  # 32 of 4 prompts x 8: the whole batch
+    config = load_config(example, ["rollout.prompts_per_step=2"])  # 2 x 8 = 16 completions
+    assert config.rollout.micro_batch_size == 0
+    # DPO samples its pairs 32 at a time, as the example's comment says
+    assert load_config(example, ["algorithm.name=dpo"]).rollout.micro_batch_size == 32
+    config = load_config(example, ["rollout.prompts_per_step=2", "train.micro_batch_size=64"])
+    assert config.train.micro_batch_size == 0
+    # below the batch it is a real bound and stays as set
+    assert load_config(example, ["rollout.micro_batch_size=8"]).rollout.micro_batch_size == 8
+    # stored as 0, the config written into the run directory reads back the same
+    assert load_config(None, ["rollout.micro_batch_size=1000"]) == load_config(None)
+
+
+def test_a_pair_algorithm_keeps_its_micro_batches_as_set():
+    """DPO's micro-batches bound passes larger than its step (the pair-building samples, the
+    reference's log-probs of every pair): above the step they are kept, not dropped to 0."""
+    config = load_config(
+        None,
+        [
+            "algorithm.name=dpo",
+            "rollout.prompts_per_step=4",
+            "rollout.micro_batch_size=64",
+            "train.micro_batch_size=64",
+        ],
+    )
+    assert (config.rollout.micro_batch_size, config.train.micro_batch_size) == (64, 64)
+
+
+@pytest.mark.parametrize("field", ["rollout.micro_batch_size", "train.micro_batch_size"])
+def test_a_negative_micro_batch_is_still_refused(field: str):
+    with pytest.raises(ConfigError) as err:
+        load_config(EXAMPLES / "smollm2_addition.yaml", ["rollout.prompts_per_step=2", f"{field}=-1"])
+    assert str(err.value) == f"{field}=-1 is invalid: an integer >= 0"
+    with pytest.raises(ConfigError, match=rf"^{field}='all' is invalid: an integer"):
+        load_config(None, [f"{field}=all"])

@@ -141,8 +141,29 @@ def test_k3_is_finite_for_extreme_log_ratios() -> None:
     assert torch.isfinite(k3).all() and (k3 >= 0).all()
 
 
+def test_k3_plus_is_finite_for_extreme_log_ratios() -> None:
+    # k3+'s k2 part uses k3's clamped log r: finite value and gradient where k3 is finite
+    logp = torch.tensor([0.0, 0.0], requires_grad=True)
+    k3_plus = kl_estimate("k3+", logp, torch.tensor([1e4, -1e4]))
+    k3_plus.sum().backward()
+    assert torch.isfinite(k3_plus).all() and logp.grad is not None and torch.isfinite(logp.grad).all()
+
+
+def test_plus_estimators_by_hand() -> None:
+    # log q = [-1, -2], log p = [-1.5, -1]: log r = [-0.5, 1]
+    # k1 = [0.5, -1], k3 = [e^-0.5 - 0.5, e - 2] = [0.106531, 0.718282]; k2's gradient -log r = [0.5, -1]
+    ref_logp = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    for name, value in (("k1+", [0.5, -1.0]), ("k3+", [math.exp(-0.5) - 0.5, math.e - 2])):
+        logp = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        est = kl_estimate(name, logp, ref_logp)
+        est.sum().backward()
+        torch.testing.assert_close(est.detach(), torch.tensor(value, dtype=torch.float64))
+        assert logp.grad is not None
+        torch.testing.assert_close(logp.grad, torch.tensor([0.5, -1.0], dtype=torch.float64))
+
+
 def test_unknown_estimator_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match="k1, k2, k3"):
+    with pytest.raises(ValueError, match=r"k1, k2, k3, k1\+, k3\+"):
         kl_estimate("k4", torch.zeros(1), torch.zeros(1))
 
 

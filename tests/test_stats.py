@@ -9,13 +9,19 @@ import pytest
 import scipy.stats
 
 from rlbench.stats import (
-    Summary,
+    PairedDifference,
+    aggregate_score,
     bootstrap_ci,
     first_crossing,
     iqm,
+    mean_ci,
+    paired_difference,
     probability_of_improvement,
     probability_of_improvement_ci,
+    seeds_to_resolve,
+    stratified_bootstrap_ci,
     summarize,
+    t_intervals,
 )
 
 FAST = 2000  # resamples in tests: enough for stable percentiles, keeps the file well under 5 s
@@ -121,6 +127,171 @@ def test_bootstrap_ci_errors_name_the_problem(kwargs: dict, message: str) -> Non
         bootstrap_ci(**kwargs)
 
 
+# --- mean_ci: the Student-t interval of the mean --------------------------------------------
+
+
+def test_mean_ci_by_hand_and_against_scipy() -> None:
+    # [1, 2, 3]: mean 2, s = 1, standard error 1 / sqrt(3) = 0.57735; t_{0.975, 2} = 4.30265,
+    # so the half-width is 4.30265 * 0.57735 = 2.48414
+    low, high = mean_ci([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
+    # a t-interval leaves the range of the scores (a percentile bootstrap cannot): [1, 3] here
+    assert low < 1.0 and high > 3.0
+    scores = [0.52, 0.61, 0.47, 0.70, 0.58]
+    for confidence in (0.9, 0.95, 0.99):
+        expected = scipy.stats.ttest_1samp(scores, 0.0).confidence_interval(confidence)
+        assert mean_ci(scores, confidence) == pytest.approx((expected.low, expected.high), rel=1e-12)
+
+
+def test_mean_ci_of_equal_scores_is_their_value_and_one_seed_is_refused() -> None:
+    assert mean_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))
+    with pytest.raises(ValueError, match="values has 1 score: a t-interval of the mean needs at least 2"):
+        mean_ci([0.4])
+    with pytest.raises(ValueError, match="confidence must be strictly between 0 and 1, got 95"):
+        mean_ci([0.4, 0.5], confidence=95)
+
+
+def test_t_intervals_are_row_by_row_mean_ci() -> None:
+    rows = np.random.default_rng(0).normal(size=(4, 6))
+    low, high = t_intervals(rows, 0.9)
+    assert low.shape == high.shape == (4,)
+    for i, row in enumerate(rows):
+        assert (low[i], high[i]) == pytest.approx(mean_ci(row, 0.9), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 scores per row, got 1"):
+        t_intervals(rows[:, :1])
+
+
+# --- paired_difference and seeds_to_resolve ------------------------------------------------
+
+
+def test_paired_difference_by_hand() -> None:
+    a, b = [0.6, 0.7, 0.5, 0.8], [0.5, 0.5, 0.4, 0.6]
+    # differences [0.1, 0.2, 0.1, 0.2]: mean 0.15; deviations +-0.05, sum of squares 0.01,
+    # sd sqrt(0.01 / 3) = 0.057735, standard error 0.057735 / 2 = 0.028868;
+    # t_{0.975, 3} = 3.182446, half-width 0.0918693
+    result = paired_difference(a, b)
+    assert result.mean == pytest.approx(0.15)
+    assert (result.lo, result.hi) == pytest.approx((0.15 - 0.0918693, 0.15 + 0.0918693), abs=1e-7)
+    assert (result.n, result.sd) == (4, pytest.approx(math.sqrt(0.01 / 3)))
+    # n = 2: t_{0.975, 1} = 12.706 * 0.057735 / sqrt(2) = 0.519 >= 0.15;
+    # n = 3: t_{0.975, 2} = 4.3027 * 0.057735 / sqrt(3) = 0.1434 < 0.15
+    assert result.seeds_needed == 3
+    expected = scipy.stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (result.lo, result.hi) == pytest.approx((expected.low, expected.high), rel=1e-12)
+    # B minus A mirrors it
+    mirrored = paired_difference(b, a)
+    assert (mirrored.mean, mirrored.lo, mirrored.hi) == pytest.approx((-0.15, -result.hi, -result.lo))
+
+
+def test_pairing_by_seed_removes_what_the_seed_shares() -> None:
+    # Each seed moves both algorithms by the same large amount; A is 0.05 better throughout.
+    rng = np.random.default_rng(3)
+    seed_effect = rng.normal(0.0, 0.1, 6)
+    b = 0.5 + seed_effect + rng.normal(0.0, 0.01, 6)
+    a = b + 0.05 + rng.normal(0.0, 0.01, 6)
+    paired = paired_difference(a, b)
+    assert 0.0 < paired.lo < 0.05 < paired.hi
+    unpaired = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert unpaired.low < 0.0 < unpaired.high  # unpaired, the seeds' spread hides the difference
+    assert paired.seeds_needed is not None and paired.seeds_needed <= 6
+
+
+def test_paired_difference_of_one_seed_has_no_interval() -> None:
+    result = paired_difference([0.7], [0.5])
+    assert result.mean == pytest.approx(0.2) and result.n == 1
+    assert math.isnan(result.lo) and math.isnan(result.hi) and math.isnan(result.sd)
+    assert result.seeds_needed is None
+    assert isinstance(result, PairedDifference)
+
+
+def test_paired_difference_needs_aligned_seeds() -> None:
+    with pytest.raises(ValueError, match="one score per shared seed, in the same order; got 3 and 2"):
+        paired_difference([0.1, 0.2, 0.3], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"b contains NaN at index \[0\]"):
+        paired_difference([0.1], [float("nan")])
+
+
+def test_seeds_to_resolve_by_hand() -> None:
+    # difference 1, sd 2: need t_{0.975, n-1} < sqrt(n) / 2.
+    #   n = 17: t_16 = 2.1199 >= sqrt(17) / 2 = 2.0616
+    #   n = 18: t_17 = 2.1098 <  sqrt(18) / 2 = 2.1213
+    assert seeds_to_resolve(1.0, 2.0) == 18
+    assert scipy.stats.t.ppf(0.975, 16) * 2 / math.sqrt(17) >= 1.0
+    assert scipy.stats.t.ppf(0.975, 17) * 2 / math.sqrt(18) < 1.0
+    assert seeds_to_resolve(-1.0, 2.0) == 18  # the sign does not matter
+    assert seeds_to_resolve(1.0, 2.0, confidence=0.99) > 18
+    assert seeds_to_resolve(0.3, 0.0) == 2  # no spread: the fewest seeds a t-interval takes
+    assert seeds_to_resolve(0.0, 0.1) is None  # no seed count resolves a zero difference
+    assert seeds_to_resolve(float("nan"), 0.1) is None
+    # tiny differences still end: n ~ (1.96 * sd / difference)^2 = 3.84e6
+    assert seeds_to_resolve(1e-3, 1.0) == pytest.approx(1.96**2 * 1e6, rel=1e-3)
+
+
+# --- stratified bootstrap over tasks -------------------------------------------------------
+
+
+def test_aggregate_score_is_rliables_iqm_and_mean() -> None:
+    # iqm pools every task's runs: [1 .. 8] cut 2 from each end -> [3, 4, 5, 6] -> 4.5
+    assert aggregate_score([[1, 2, 3, 4], [5, 6, 7, 8]], "iqm") == pytest.approx(4.5)
+    assert aggregate_score([[1, 2, 3, 4], [5, 6, 7, 8]], "iqm") == pytest.approx(
+        scipy.stats.trim_mean(np.arange(1, 9), 0.25)
+    )
+    # the mean is the mean of per-task means, each task weighing the same:
+    # (0.3 + 0.9) / 2 = 0.6, not the pooled (0.2 + 0.4 + 0.9) / 3 = 0.5
+    assert aggregate_score([[0.2, 0.4], [0.9]], "mean") == pytest.approx(0.6)
+
+
+def test_stratified_bootstrap_by_hand() -> None:
+    by_task = [[0.0, 1.0], [10.0, 10.0]]
+    # Task 2 is always [10, 10]; task 1 resamples to mean 0, 0.5 or 1 with chances 1/4, 1/2,
+    # 1/4, so the mean of task means is 5, 5.25 or 5.5: 2.5th and 97.5th percentiles 5 and 5.5,
+    # 30th and 70th both 5.25
+    assert stratified_bootstrap_ci(by_task, "mean", resamples=FAST) == (5.0, 5.5)
+    assert stratified_bootstrap_ci(by_task, "mean", confidence=0.4, resamples=FAST) == (5.25, 5.25)
+    # IQM of 4 pooled scores keeps the middle 2: [0, 0 | 10, 10] -> 5, [0, 1, 10, 10] -> 5.5,
+    # [1, 1, 10, 10] -> 5.5
+    assert stratified_bootstrap_ci(by_task, "iqm", resamples=FAST) == (5.0, 5.5)
+    # unstratified, a resample may draw only task 1's runs or only task 2's: far wider
+    low, high = bootstrap_ci([0.0, 1.0, 10.0, 10.0], "mean", resamples=FAST)
+    assert high - low > 5 * 0.5
+
+
+def test_stratified_bootstrap_of_one_task_is_the_plain_bootstrap() -> None:
+    scores = [0.31, 0.52, 0.44, 0.61, 0.38, 0.57]
+    for statistic in ("mean", "iqm"):
+        for seed in (0, 1):
+            assert stratified_bootstrap_ci([scores], statistic, resamples=FAST, seed=seed) == bootstrap_ci(
+                scores, statistic, resamples=FAST, seed=seed
+            )
+
+
+def test_stratified_bootstrap_takes_a_callable_and_is_seeded() -> None:
+    by_task = [[0.2, 0.5, 0.4], [0.7, 0.9, 0.8, 0.6]]
+
+    def pooled_median(tasks: list[np.ndarray]) -> np.ndarray:
+        return np.median(np.concatenate(tasks, axis=-1), axis=-1)
+
+    assert aggregate_score(by_task, pooled_median) == pytest.approx(0.6)
+    low, high = stratified_bootstrap_ci(by_task, pooled_median, resamples=FAST, seed=5)
+    assert 0.2 <= low <= 0.6 <= high <= 0.9
+    assert stratified_bootstrap_ci(by_task, pooled_median, resamples=FAST, seed=5) == (low, high)
+
+
+@pytest.mark.parametrize(
+    ("by_task", "message"),
+    [
+        ([], "scores_by_task is empty"),
+        ([[0.1], []], r"scores_by_task\[1\] is empty"),
+        ([[0.1, float("nan")]], r"scores_by_task\[0\] contains NaN at index \[1\]"),
+    ],
+)
+def test_stratified_bootstrap_names_the_bad_task(by_task: list[list[float]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stratified_bootstrap_ci(by_task)
+    with pytest.raises(ValueError, match="statistic must be one of \\['iqm', 'mean'\\] or a callable"):
+        stratified_bootstrap_ci([[0.1, 0.2]], "median")  # type: ignore[arg-type]
+
+
 # --- probability of improvement ------------------------------------------------------------
 
 
@@ -222,14 +393,17 @@ def test_summarize_by_hand() -> None:
     assert summary.std == pytest.approx(math.sqrt(5 / 3))
     assert summary.iqm == pytest.approx(2.5)
     assert (summary.min, summary.max) == (1.0, 4.0)
-    assert 1.0 <= summary.ci_low < 2.5 < summary.ci_high <= 4.0
-    assert (summary.ci_low, summary.ci_high) == bootstrap_ci([4.0, 1.0, 3.0, 2.0], resamples=FAST)
+    # the mean's interval is the t-interval: t_{0.975, 3} = 3.18245 times the standard error
+    # 1.29099 / 2 = 0.645497 gives a half-width of 2.05426
+    assert (summary.ci_low, summary.ci_high) == pytest.approx((2.5 - 2.05426, 2.5 + 2.05426), abs=1e-5)
+    assert (summary.ci_low, summary.ci_high) == mean_ci([4.0, 1.0, 3.0, 2.0])
 
 
-def test_summarize_one_seed() -> None:
-    assert summarize(np.array([0.7])) == Summary(
-        n=1, mean=0.7, ci_low=0.7, ci_high=0.7, iqm=0.7, std=0.0, min=0.7, max=0.7
-    )
+def test_summarize_one_seed_has_no_interval() -> None:
+    summary = summarize(np.array([0.7]))
+    assert (summary.n, summary.mean, summary.iqm, summary.std) == (1, 0.7, 0.7, 0.0)
+    assert (summary.min, summary.max) == (0.7, 0.7)
+    assert math.isnan(summary.ci_low) and math.isnan(summary.ci_high)  # never a zero-width interval
 
 
 def test_summarize_rejects_nan() -> None:

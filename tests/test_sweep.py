@@ -120,6 +120,48 @@ def test_grid_values_of_every_kind():
     assert parse_param("c", {"type": "categorical", "choices": ["x", "y"]}).grid() == ["x", "y"]
 
 
+# ------------------------------------------------------------------ what optuna-dashboard and MLflow show
+
+
+def test_the_study_names_its_objective_after_the_metric(tmp_path):
+    """optuna-dashboard labels an unnamed objective "Objective 0"; trials.csv calls it "value"."""
+    from rlbench.sweep import create_study
+
+    spec = load_sweep(write_sweep(tmp_path, {"optim.lr": LR}, objective={"metric": "eval/maj@k"}))
+    spec.output_dir.mkdir(parents=True)
+    url = spec.default_storage()
+    study = create_study(spec, url, "s")
+    assert optuna.load_study(study_name="s", storage=url).metric_names == ["eval/maj@k"]
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optim.lr": 1e-4},
+            distributions={"optim.lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)},
+            value=0.5,
+        )
+    )
+    assert "value_eval/maj@k" in study.trials_dataframe().columns
+    # a resumed sweep loads the same study, name and trials kept
+    again = create_study(spec, url, "s")
+    assert again.metric_names == ["eval/maj@k"] and len(again.trials) == 1
+
+
+def test_the_study_run_opens_its_mlflow_experiment_on_runs(tmp_path):
+    from mlflow import MlflowClient
+
+    from rlbench.sweep import study_run
+    from rlbench.tracking import EXPERIMENT_KIND_TAG
+
+    path = write_sweep(tmp_path, {"optim.lr": LR})
+    data = yaml.safe_load(path.read_text())
+    data["set"]["logging.mlflow"] = True
+    path.write_text(yaml.safe_dump(data))
+    spec = load_sweep(path)
+    run_id = study_run(spec, "s")
+    assert run_id is not None and study_run(spec, "s") == run_id  # found again on a resume
+    client = MlflowClient(f"sqlite:///{spec.output_dir.resolve() / 'mlflow.db'}")
+    assert client.get_experiment_by_name("s").tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
 # ------------------------------------------------------------------ running studies
 
 
