@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/rlbench compare examples/compare_addition.yaml --output-dir runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -232,6 +233,9 @@ def sampled_eval(
     return out
 
 
+#: Makes eval's bars: ``(total, desc, enabled) -> bar`` shaped like ``rlbench.progress.Counted``.
+BarFactory = Callable[[int, str, "bool | None"], Any]
+
 _EVAL_SAMPLES = 0x65766B  # seeds of eval sampling (pass@k), apart from every training draw
 
 
@@ -261,6 +265,9 @@ class Evaluator:
         #: Rank 0's progress bar over the prompts: None shows it on a terminal only (logs and
         #: ``rlbench compare``'s workers stay quiet), False never (``--no-progress``).
         self.progress = progress
+        #: What draws it: a bar of its own by default; ``rlbench.run`` swaps in a row of
+        #: Lightning's live bar, which holds the terminal while training runs.
+        self.bars: BarFactory = counted
 
     def metrics(self, model: nn.Module, step: int, rank: int) -> dict[str, float]:
         """The ``eval/*`` metrics of ``model`` at rollout step ``step`` (which seeds the samples)."""
@@ -269,7 +276,7 @@ class Evaluator:
         # one bar, on rank 0 only: the other ranks score their shares in step with it
         enabled = self.progress if rank == 0 else False
         share = f", rank 0's {len(mine)} of {n} prompts" if world > 1 else ""
-        with counted(len(mine), f"eval at step {step} (greedy{share})", enabled) as bar:
+        with self.bars(len(mine), f"eval at step {step} (greedy{share})", enabled) as bar:
             correct = greedy_correct(
                 model, self.tokenizer, self.task, mine, self.backend, self.params.max_new_tokens, bar=bar
             )
@@ -280,7 +287,7 @@ class Evaluator:
                 [derive_seed(self.seed, _EVAL_SAMPLES, step, i, j) for j in range(k)]
                 for i in range(rank, n, world)
             ]
-            with counted(len(mine), f"eval at step {step} ({k} samples each{share})", enabled) as bar:
+            with self.bars(len(mine), f"eval at step {step} ({k} samples each{share})", enabled) as bar:
                 sums = sampled_eval(
                     model, self.tokenizer, self.task, mine, self.backend, self.params, k, seeds, bar=bar
                 )

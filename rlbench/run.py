@@ -131,6 +131,55 @@ def kill_other_ranks(trainer: Any) -> None:
             proc.wait(timeout=5)  # the forced stop's backstop bounds us anyway
 
 
+class LiveRow:
+    """A counted row in Lightning's rich progress display, shaped like ``rlbench.progress.Counted``.
+
+    While Lightning's rich bar is live it owns the terminal (stderr goes through its proxy,
+    which holds a line until its newline), so a bar of our own drawn then never shows: work
+    inside training (evaluation) adds a row to that display instead, with its count and ETA.
+    """
+
+    def __init__(self, callback: Any, total: int, desc: str) -> None:
+        self.callback, self.progress = callback, callback.progress
+        self.bar: Any = self.progress.add_task(desc, total=total)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.progress.update(self.bar, advance=n)
+            self.callback.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.progress.remove_task(self.bar)
+            self.bar = None
+            self.callback.refresh()
+
+    def __enter__(self) -> LiveRow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bars_beside(trainer: Any) -> Any:
+    """Makes bars for work done while ``trainer`` trains: a row of its rich display when that
+    draws on a terminal, else a bar of our own (tqdm, which sits beside Lightning's tqdm bar)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from rlbench.progress import counted
+
+    def make(total: int, desc: str, enabled: bool | None = None) -> Any:
+        callback = trainer.progress_bar_callback
+        live = getattr(callback, "progress", None) if isinstance(callback, RichProgressBar) else None
+        if live is not None and enabled is not False:
+            if not live.console.is_terminal:  # a log file: quiet, as a bar of our own would be
+                return counted(total, desc, False)
+            return LiveRow(callback, total, desc)
+        return counted(total, desc, enabled)
+
+    return make
+
+
 def mark_mlflow_runs(loggers: list[Any], status: str) -> None:
     """Ends the run's MLflow run with ``status`` (from another thread: a new client)."""
     from lightning.pytorch.loggers import MLFlowLogger
@@ -291,8 +340,6 @@ def _train(
     out = Path(config.output_dir)
     pl.seed_everything(config.seed, verbose=False)
     module = RLModule(config, model_path)
-    if not progress_bar:  # --no-progress: eval's bar too (without a terminal it is off anyway)
-        module.evaluator.progress = False
     max_steps = config.trainer.max_steps
     checkpoints = RolloutStepCheckpoint(out / CHECKPOINT_DIR, config.trainer.checkpoint_every, max_steps)
     # before the checkpoint callback: a checkpoint holds the diagnostics of its own step
@@ -324,6 +371,9 @@ def _train(
             f"trainer.precision={t.precision!r}"
         )
         raise RLBenchError(f"{settings}: rejected by Lightning: {err}") from None
+    if not progress_bar:  # --no-progress: eval's bar too (without a terminal it is off anyway)
+        module.evaluator.progress = False
+    module.evaluator.bars = bars_beside(trainer)
     # everything is validated: only now does the run directory get written
     writing.set()
     if is_launcher_process():

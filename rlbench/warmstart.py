@@ -67,7 +67,7 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
     unless ``quiet``.
     """
     # a no-op when the run already resolved it; `rlbench warmstart` and benchmarks come here directly
-    config, chosen = with_resolved_precision(config)
+    config = with_resolved_precision(config)[0]
     directory = warmstart_dir(config)
 
     def build(tmp: Path) -> None:
@@ -76,7 +76,7 @@ def warm_start(config: RunConfig, quiet: bool = False) -> tuple[str, dict[str, A
             print(
                 f"warm start: training {config.model.name_or_path} on {config.task.name} "
                 f"demonstrations until validation accuracy {ws.target_accuracy} (at most "
-                f"{ws.max_steps} steps; {chosen}); cached in {directory}"
+                f"{ws.max_steps} steps, {config.trainer.precision}); cached in {directory}"
             )
         task = TASKS.get(config.task.name)(config.task.options)
         model, tokenizer = load_policy(

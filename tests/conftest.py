@@ -116,3 +116,15 @@ def postgres() -> Iterator[str]:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+#: ``(test, line)`` figures the learning tests print with their margins: shown again in the
+#: run's summary, since pytest hides a passing test's output.
+MARGINS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MARGINS:
+        terminalreporter.section("learning-test margins")
+        for line in MARGINS:
+            terminalreporter.write_line(line)

@@ -349,3 +349,46 @@ def test_the_gguf_conversion_counts_its_stages(monkeypatch: pytest.MonkeyPatch, 
     (bar,) = bars
     assert bar.total == len(pretrained.CONVERSION_STAGES) == sum(bar.updates)
     assert bar.enabled is None and "model.gguf" in bar.desc  # on a terminal only
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_eval_bars_during_training_are_rows_of_lightnings_live_display(terminal: bool):
+    """Lightning's rich bar owns the terminal while it trains (a bar of our own would never
+    show): eval's bar is a counted row of that display there, and nothing on a log file."""
+    import io
+
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import CustomProgress
+    from rich.console import Console
+
+    from rlbench.run import LiveRow, bars_beside
+
+    callback = RichProgressBar()  # its display, as on_train_start makes it (not started: nothing drawn)
+    callback.progress = CustomProgress(console=Console(file=io.StringIO(), force_terminal=terminal))
+
+    class Trainer:
+        progress_bar_callback = callback
+
+    make = bars_beside(Trainer())
+    with make(10, "eval at step 3 (greedy)", None) as bar:
+        if not terminal:
+            assert bar.bar is None  # off: the Counted helper's quiet bar
+            return
+        assert isinstance(bar, LiveRow)
+        (task,) = callback.progress.tasks
+        assert (task.description, task.total) == ("eval at step 3 (greedy)", 10)
+        bar.update(4)
+        assert task.completed == 4
+    assert not callback.progress.tasks  # the row goes when the eval ends
+    assert make(10, "eval", False).bar is None  # --no-progress, or a rank other than 0
+
+
+def test_eval_bars_without_a_live_display_are_the_shared_helpers():
+    from rlbench.progress import Counted
+    from rlbench.run import bars_beside
+
+    class Trainer:
+        progress_bar_callback = None  # progress_bar=False, or before Lightning's bar starts
+
+    bar = bars_beside(Trainer())(5, "eval", None)
+    assert isinstance(bar, Counted) and bar.bar is None  # pytest's stderr is no terminal: quiet
