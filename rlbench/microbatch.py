@@ -126,23 +126,33 @@ def merge(parts: list[RolloutBatch], plan_: list[Rows], whole: RolloutBatch) -> 
     return replace(whole, **merged)
 
 
-def minibatches(batch: RolloutBatch, k: int, group_size: int, seed: int | None = None) -> list[RolloutBatch]:
-    """``batch`` split in ``k`` minibatches (an optimiser step each), by group.
+def minibatches(
+    batch: RolloutBatch,
+    k: int,
+    group_size: int,
+    seed: int | None = None,
+    offset: int = 0,
+    total: int | None = None,
+) -> list[RolloutBatch]:
+    """This process's share of the step's ``k`` minibatches (an optimiser step each), by group.
 
-    With ``seed`` the groups are shuffled first (a fresh permutation each epoch, from a seed the
-    caller derives from the run seed, step and epoch, so a resumed run splits alike); then
-    group ``g`` of the order goes to minibatch ``g mod k``. Without ``seed`` the order is the
-    batch's own, so every minibatch still mixes prompts from the whole step.
+    Groups are numbered across the step's processes: this process holds groups ``offset ..
+    offset + G_local - 1`` of ``total`` (the order one process would hold them in). With ``seed``
+    those numbers are shuffled first (a fresh permutation each epoch, from a seed the caller
+    derives from the run seed, step and epoch, so a resumed run splits alike); then the group
+    at place ``p`` of the order goes to minibatch ``p mod k``. So every minibatch mixes prompts
+    from the whole step, and holds the same groups however many processes share the step.
     """
     if k == 1:
         return [batch]
     groups = len(batch) // group_size
-    order = list(range(groups))
+    total = groups if total is None else total
+    order = list(range(total))
     if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(groups, generator=generator).tolist()
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
     parts = []
     for j in range(k):
-        rows = [order[g] * group_size + i for g in range(j, groups, k) for i in range(group_size)]
+        mine = [g - offset for g in order[j::k] if offset <= g < offset + groups]
+        rows = [g * group_size + i for g in mine for i in range(group_size)]
         parts.append(batch.rows(torch.tensor(rows, dtype=torch.long, device=batch.rewards.device)))
     return parts

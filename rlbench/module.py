@@ -55,6 +55,14 @@ from rlbench.tracking import flush_metrics
 __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient"]
 
 
+def grad_norm(parameters: list[nn.Parameter]) -> float:
+    """The global L2 norm of the parameters' gradients (0 for none)."""
+    if not parameters:
+        return 0.0
+    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 class RLModule(pl.LightningModule):
     def __init__(self, config: RunConfig, model_path: str) -> None:
         super().__init__()
@@ -256,13 +264,17 @@ class RLModule(pl.LightningModule):
         world = self.dist.world_size
         history: list[dict[str, float]] = []
         trains_policy = algorithm.trains_policy(self.rollout_step)
+        # this process's groups among the step's, numbered as one process would hold them
+        counts = self.dist.gather(torch.tensor([len(batch) // algorithm.group_size])).tolist()
+        shares = (int(sum(counts[: self.global_rank])), int(sum(counts)))
         old_logprobs: list[Tensor] = []
         cause: str | None = None  # what went non-finite, if anything
         for pass_index in range(algorithm.passes_per_batch):
             split_seed = minibatch_seed(self.config.seed, self.rollout_step, pass_index)
-            for minibatch in minibatches(
-                batch, algorithm.minibatches_per_pass, algorithm.group_size, split_seed
-            ):
+            split = minibatches(
+                batch, algorithm.minibatches_per_pass, algorithm.group_size, split_seed, *shares
+            )
+            for minibatch in split:
                 # pi_old is the policy that sampled: these very weights until the first optimiser
                 # step, so pass 0's log-probs are pi_old (no extra forward)
                 first_look = pass_index == 0 and (fused or not scored)
@@ -337,25 +349,25 @@ class RLModule(pl.LightningModule):
         return out, float(batch.completion_mask.sum())
 
     def clip_gradients(self, trains_policy: bool) -> dict[str, float]:
-        """Clips the policy's gradient and the algorithm's own modules' apart, as two models
-        with their own optimisers would be, and returns both norms before clipping:
-        ``grad_norm`` is the policy's alone for every algorithm (a critic's gradient would
-        otherwise dominate it and its spikes). Without ``trains_policy`` the policy's
-        gradients are dropped (a critic warm-up) and no ``grad_norm`` is logged: no update
-        reaches the policy (a logged 0 would also make the first real norm look a spike)."""
+        """Clips the gradient of every trainable parameter to ``optim.grad_clip`` (one global
+        norm) and returns the norms before clipping, apart: ``grad_norm`` is the policy's alone
+        for every algorithm (a critic's gradient would otherwise dominate it and its spikes),
+        ``<modules_name>_grad_norm`` the algorithm's own modules'. Without ``trains_policy`` the
+        policy's gradients are dropped (a critic warm-up) and no ``grad_norm`` is logged: no
+        update reaches the policy (a logged 0 would also make the first real norm look a spike)."""
         clip = self.config.optim.grad_clip or math.inf
         policy = [p for p in self.policy.parameters() if p.requires_grad and p.grad is not None]
         own = [p for p in self.algorithm_modules.parameters() if p.requires_grad and p.grad is not None]
-        norms: dict[str, float] = {}
-        if trains_policy:
-            norms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy, clip))
-        else:
+        if not trains_policy:
             for p in policy:
                 p.grad = None
+            policy = []
+        norms: dict[str, float] = {}
+        if trains_policy:
+            norms["grad_norm"] = grad_norm(policy)
         if own:
-            norms[f"{self.algorithm.modules_name}_grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(own, clip)
-            )
+            norms[f"{self.algorithm.modules_name}_grad_norm"] = grad_norm(own)
+        torch.nn.utils.clip_grad_norm_(policy + own, clip)
         return norms
 
     def score(self, batch: RolloutBatch) -> tuple[RolloutBatch, float, float]:
