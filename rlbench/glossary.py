@@ -181,7 +181,7 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric(
         "train/value_grad_norm",
-        "PPO's critic gradient norm before clipping (value head or separate critic model), clipped apart",
+        "PPO's critic gradient norm before clipping (value head or separate critic model), logged apart",
         ("ppo",),
     ),
     Metric(

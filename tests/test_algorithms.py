@@ -516,7 +516,7 @@ def test_critic_warmup_trains_the_critic_alone_then_both(odd_first_digit: Any, m
 
 
 def test_grad_norm_and_loss_are_the_policys_alone(odd_first_digit: Any, make_config: Any, preset: str):
-    """The critic's gradient is clipped and logged apart; with the value head detached, the
+    """The critic's gradient norm is logged apart; with the value head detached, the
     policy's norm is exactly what the policy loss alone gives (the same run with vf_coef 0)."""
     runs = {}
     for vf in ("0.0", "1.0"):
