@@ -79,6 +79,7 @@ ALGORITHMS = {
         "algorithm.name=ppo",
         "algorithm.ppo.group_size=4",
         "algorithm.ppo.adaptive_kl=true",
+        "algorithm.ppo.ppo_epochs=1",  # the shipped config's 2 epochs would make it four
         "algorithm.ppo.minibatches=2",
     ),
 }
