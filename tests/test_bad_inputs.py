@@ -264,7 +264,8 @@ CASES = [
     ),
     case(
         "eval-prompts-above-eval-split-with-warm-start",
-        f"{EVAL_TOO_LARGE} output_dir={{fresh}} {WARMSTART_ON}",
+        # a short warm start: the check comes after it, whatever it reaches
+        f"{EVAL_TOO_LARGE} output_dir={{fresh}} {WARMSTART_ON} warmstart.max_steps=20",
         "eval.num_prompts=50 is invalid",
         "task.eval_size=10",
     ),
