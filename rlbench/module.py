@@ -57,8 +57,6 @@ __all__ = ["FrozenReference", "NonFiniteError", "RLModule", "non_finite_gradient
 
 def grad_norm(parameters: list[nn.Parameter]) -> float:
     """The global L2 norm of the parameters' gradients (0 for none)."""
-    if not parameters:
-        return 0.0
     norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
@@ -264,9 +262,11 @@ class RLModule(pl.LightningModule):
         world = self.dist.world_size
         history: list[dict[str, float]] = []
         trains_policy = algorithm.trains_policy(self.rollout_step)
-        # this process's groups among the step's, numbered as one process would hold them
-        counts = self.dist.gather(torch.tensor([len(batch) // algorithm.group_size])).tolist()
-        shares = (int(sum(counts[: self.global_rank])), int(sum(counts)))
+        shares = (0, None)  # one minibatch: no split to agree on, no collective
+        if algorithm.minibatches_per_pass > 1:
+            # this process's groups among the step's, numbered as one process would hold them
+            counts = self.dist.gather(torch.tensor([len(batch) // algorithm.group_size])).tolist()
+            shares = (int(sum(counts[: self.global_rank])), int(sum(counts)))
         old_logprobs: list[Tensor] = []
         cause: str | None = None  # what went non-finite, if anything
         for pass_index in range(algorithm.passes_per_batch):
@@ -358,13 +358,13 @@ class RLModule(pl.LightningModule):
         clip = self.config.optim.grad_clip or math.inf
         policy = [p for p in self.policy.parameters() if p.requires_grad and p.grad is not None]
         own = [p for p in self.algorithm_modules.parameters() if p.requires_grad and p.grad is not None]
-        if not trains_policy:
-            for p in policy:
-                p.grad = None
-            policy = []
         norms: dict[str, float] = {}
         if trains_policy:
             norms["grad_norm"] = grad_norm(policy)
+        else:
+            for p in policy:
+                p.grad = None
+            policy = []
         if own:
             norms[f"{self.algorithm.modules_name}_grad_norm"] = grad_norm(own)
         torch.nn.utils.clip_grad_norm_(policy + own, clip)
